@@ -1,0 +1,127 @@
+"""`erase bench`: time and peak memory of one MCE optimisation step.
+
+Each row (sampling steps x checkpointing on/off) runs the real recipe, `erase.train.train`, in
+a fresh subprocess so rows cannot share allocator state. The first optimisation step fills the
+target cache and is not timed; the next `repeats` steps are, and the row reports the fastest.
+Peak memory is measured over those timed steps, above what was resident before them:
+on CUDA torch's peak allocated bytes; on a CPU the process's peak resident set (VmHWM, reset
+through /proc/self/clear_refs), which also counts allocator slack, so CPU figures are upper bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    return _rss_mb("VmRSS")
+
+
+def _peak(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _rss_mb("VmHWM")
+
+
+def measure_row(model: str, steps: int, checkpointing: bool, *, batch_size: int = 1, sites=("ffn", "norm"),
+                repeats: int = 2, device: str = "cpu", model_path: str | None = None) -> dict:
+    """One row, measured in this process."""
+    from erase.train import TrainConfig, train
+    from pipelines import load_generator
+
+    gen = load_generator(model, model_path, device=device)
+    cfg = TrainConfig(concept="bench", sites=tuple(sites), steps=1 + repeats, batch_size=batch_size,
+                      sampling_steps=steps, checkpointing=checkpointing, log_every=1, lr_attn=0.5 if "attn" in sites else 0.0)
+    marks: list[float] = []
+    baseline: list[float] = []
+
+    def on_log(row, masks):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        if len(marks) == 1:  # after the untimed first step: start measuring
+            baseline.append(_reset_peak(device))
+            marks[0] = time.perf_counter()
+
+    # one prompt per term, so every step after the first reuses the cached targets
+    train(gen, cfg, ["a photo of a cat"] * batch_size, ["a bowl of fruit on a table"] * batch_size,
+          progress=False, on_log=on_log)
+    peak = _peak(device) - baseline[0]
+    seconds = min(b - a for a, b in zip(marks, marks[1:]))
+    return {"steps": steps, "checkpointing": checkpointing, "seconds": round(seconds, 4), "peak_mb": round(peak, 1)}
+
+
+def run(model: str = "flux-bench", steps_list=(1, 2, 4, 8), *, batch_size: int = 1, sites=("ffn", "norm"),
+        repeats: int = 2, device: str = "cpu", model_path: str | None = None, progress: bool = True) -> dict:
+    """All rows, each in its own subprocess; returns the report with ratios against the bars."""
+    from tqdm import tqdm
+
+    from pipelines import load_generator
+
+    gen = load_generator(model, model_path, device="cpu")
+    params = sum(p.numel() for p in gen.transformer.parameters())
+    del gen
+    jobs = [(s, c) for s in steps_list for c in (True, False)]
+    rows = []
+    for steps, ckpt in tqdm(jobs, desc="bench rows", disable=not progress):
+        spec = dict(model=model, steps=steps, checkpointing=ckpt, batch_size=batch_size, sites=list(sites),
+                    repeats=repeats, device=device, model_path=model_path)
+        proc = subprocess.run([sys.executable, "-m", "erase.bench", "--row", json.dumps(spec)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench row {spec} failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {"model": model, "transformer_params": params, "device": device, "batch_size": batch_size,
+            "sites": list(sites), "repeats": repeats, "rows": rows, "ratios": ratios(rows)}
+
+
+def ratios(rows: list[dict]) -> dict:
+    """The issue's bars: checkpointed memory growth with steps, checkpointed time over plain."""
+    by = {(r["steps"], r["checkpointing"]): r for r in rows}
+    steps = sorted({r["steps"] for r in rows})
+    out = {"time_checkpointed_over_plain": {}, "peak_checkpointed_over_plain": {}}
+    for s in steps:
+        if (s, True) in by and (s, False) in by:
+            out["time_checkpointed_over_plain"][str(s)] = round(by[s, True]["seconds"] / by[s, False]["seconds"], 3)
+            plain_peak = by[s, False]["peak_mb"]
+            if plain_peak > 0:
+                out["peak_checkpointed_over_plain"][str(s)] = round(by[s, True]["peak_mb"] / plain_peak, 3)
+    lo, hi = steps[0], steps[-1]
+    if (lo, True) in by and (hi, True) in by and by[lo, True]["peak_mb"] > 0:
+        out[f"peak_checkpointed_{hi}_over_{lo}_steps"] = round(by[hi, True]["peak_mb"] / by[lo, True]["peak_mb"], 3)
+    return out
+
+
+def _main_row(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m erase.bench")
+    parser.add_argument("--row", required=True, help="JSON spec of one row (internal: used by `erase bench`)")
+    spec = json.loads(parser.parse_args(argv).row)
+    import logging
+
+    logging.disable(logging.WARNING)
+    print(json.dumps(measure_row(**spec)))
+
+
+if __name__ == "__main__":
+    _main_row(sys.argv[1:])

@@ -1,0 +1,84 @@
+"""Prompt sets for an erasure run: the concept's prompts (C_R), neutral prompts (C_N), targets.
+
+Defaults for real text-to-image models are a handful of templates around the concept and a small
+set of everyday captions written for this project (the paper uses Conceptual Captions; any
+caption set works, pass your own with --neutral-prompts FILE).
+"""
+
+from __future__ import annotations
+
+import os
+
+CONCEPT_TEMPLATES = (
+    "{c}",
+    "a photo of {c}",
+    "a painting of {c}",
+    "a picture of {c} in a city street",
+    "a close-up photo of {c}",
+    "an illustration of {c} on a white background",
+    "{c} in the style of a movie still",
+    "a realistic image of {c}, natural light",
+)
+
+NEUTRAL_PROMPTS = (
+    "a bowl of fruit on a wooden table",
+    "a mountain lake at sunrise",
+    "a red bicycle leaning against a brick wall",
+    "a busy market street in the afternoon",
+    "a cup of coffee next to an open book",
+    "a lighthouse on a rocky coast",
+    "a dog running on a beach",
+    "a modern kitchen with white cabinets",
+    "a field of sunflowers under a blue sky",
+    "an old train station with people waiting",
+    "a snowy forest path",
+    "a plate of pasta with basil",
+    "a city skyline at night",
+    "a sailboat on a calm sea",
+    "a cat sleeping on a sofa",
+    "a vegetable garden in summer",
+)
+
+
+class PromptError(ValueError):
+    """A prompt set is empty, unreadable or does not fit the target; the message says what to do."""
+
+
+def concept_prompts(concept: str) -> list[str]:
+    if not concept.strip():
+        raise PromptError("the concept is empty; pass --concept with the words to erase, e.g. --concept 'Van Gogh'")
+    return [t.format(c=concept) for t in CONCEPT_TEMPLATES]
+
+
+def read_prompt_file(path: str, what: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    if not os.path.isfile(path):
+        raise PromptError(f"{what} file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise PromptError(f"{what} file {path!r} has no prompts; put one prompt per line")
+    return prompts
+
+
+def parse_substitutions(items: list[str] | None) -> dict[str, str]:
+    """`OLD=NEW` pairs from the command line into a map."""
+    mapping = {}
+    for item in items or []:
+        old, sep, new = item.partition("=")
+        if not sep or not old.strip():
+            raise PromptError(f"--substitute takes OLD=NEW (e.g. 'nude man=a man'), got {item!r}")
+        mapping[old.strip()] = new.strip()
+    return mapping
+
+
+def substitute(prompt: str, mapping: dict[str, str]) -> str:
+    """The 'de-conceptualised' prompt: every key of `mapping` found in `prompt` replaced by its phrase."""
+    out = prompt
+    for old in sorted(mapping, key=len, reverse=True):  # longest first: "nude man" before "nude"
+        out = out.replace(old, mapping[old])
+    if out == prompt:
+        keys = ", ".join(repr(k) for k in mapping)
+        raise PromptError(f"substitute target: prompt {prompt!r} contains none of {keys}; "
+                          "add a --substitute OLD=NEW entry for it or use --target empty")
+    return " ".join(out.split())

@@ -1,0 +1,255 @@
+"""FLUX.1 behind the generator interface: diffusers' components, our own differentiable loop.
+
+diffusers' `FluxPipeline.__call__` runs under `no_grad`, so the pipeline object is used only as
+the container of its components and for its prompt encoding and latent preparation; the
+sampling loop is written out in `erase/sampler.py`.
+
+Mask sites (METHOD.md): every tap is on an nn.Linear, so a binary mask folds into its weights.
+- ffn:  the hidden units of `ff` and `ff_context` of each dual-stream block = input columns of
+        `ff.net.2` (after GELU); 2 masks per dual-stream block.
+- norm: the output of `norm1_context.linear` (text-stream shift/scale/gate) of each dual block.
+- attn: the heads of every block: input columns of `attn.to_out.0` and `attn.to_add_out` in
+        dual-stream blocks, the first `dim` input columns of `proj_out` in single-stream blocks
+        (that Linear takes [attention output, MLP output] concatenated).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines import MaskSite, ModelError, Tap
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Real checkpoints: where the weights live on the hub, and how the model is sampled.
+CHECKPOINTS = {
+    "flux.1-schnell": dict(hub_id="black-forest-labs/FLUX.1-schnell", steps=4, guidance=0.0, size=1024, max_text=256),
+    "flux.1-dev": dict(hub_id="black-forest-labs/FLUX.1-dev", steps=28, guidance=3.5, size=1024, max_text=512),
+}
+
+# Random configs of the same architecture. `vae_blocks` sets the VAE depth: 2 ** (len - 1) is
+# its downscale factor. Text length and widths are small so they run on a CPU.
+RANDOM_CONFIGS = {
+    "flux-tiny": dict(
+        transformer=dict(num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+                         joint_attention_dim=32, pooled_projection_dim=16, in_channels=16, axes_dims_rope=(2, 2, 4)),
+        vae_blocks=(8, 16), latent_channels=4, size=16, steps=4, max_text=64,
+    ),
+    "flux-bench": dict(
+        transformer=dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
+                         joint_attention_dim=256, pooled_projection_dim=128, in_channels=64, axes_dims_rope=(8, 28, 28)),
+        vae_blocks=(16, 32), latent_channels=16, size=64, steps=4, max_text=64,
+    ),
+}
+
+
+def flux_mask_sites(transformer) -> list[MaskSite]:
+    """Mask sites of a diffusers FluxTransformer2DModel, in the reference code's order."""
+    cfg = transformer.config
+    heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+    sites = []
+    for i, block in enumerate(transformer.transformer_blocks):
+        for ff in ("ff", "ff_context"):
+            hidden = getattr(block, ff).net[2].in_features
+            path = f"transformer_blocks.{i}.{ff}"
+            sites.append(MaskSite(f"ffn.{path}", "ffn", hidden, (Tap(f"{path}.net.2", "input"),),
+                                  producer=f"{path}.net.0.proj"))
+    for i, block in enumerate(transformer.transformer_blocks):
+        path = f"transformer_blocks.{i}.norm1_context.linear"
+        sites.append(MaskSite(f"norm.transformer_blocks.{i}.norm1_context", "norm",
+                              block.norm1_context.linear.out_features, (Tap(path, "output"),)))
+    for i, _ in enumerate(transformer.transformer_blocks):
+        path = f"transformer_blocks.{i}.attn"
+        taps = (Tap(f"{path}.to_out.0", "input", 0, head_dim), Tap(f"{path}.to_add_out", "input", 0, head_dim))
+        sites.append(MaskSite(f"attn.transformer_blocks.{i}", "attn", heads, taps))
+    for i, _ in enumerate(transformer.single_transformer_blocks):
+        tap = Tap(f"single_transformer_blocks.{i}.proj_out", "input", 0, head_dim)
+        sites.append(MaskSite(f"attn.single_transformer_blocks.{i}", "attn", heads, (tap,)))
+    return sites
+
+
+def meta_transformer(model: str):
+    from diffusers import FluxTransformer2DModel
+
+    config = RANDOM_CONFIGS[model]["transformer"] if model in RANDOM_CONFIGS else {}
+    if model == "flux.1-dev":
+        config = dict(guidance_embeds=True)
+    with torch.device("meta"):
+        # The default arguments are the FLUX.1 architecture (19 dual, 38 single blocks, width 3072).
+        return FluxTransformer2DModel(**config)
+
+
+@dataclass
+class FluxConditioning:
+    prompt_embeds: torch.Tensor  # (B, text_len, joint_attention_dim), T5
+    pooled: torch.Tensor  # (B, pooled_projection_dim), CLIP
+    text_ids: torch.Tensor  # (text_len, 3)
+
+
+class FluxGenerator:
+    def __init__(self, pipe, model_id: str, *, size: int, default_steps: int, guidance: float,
+                 max_text: int, device: str, dtype: torch.dtype):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.model_id = model_id
+        self.height = self.width = size
+        self.default_steps = default_steps
+        self.guidance = guidance
+        self.max_text = max_text
+        self.device = torch.device(device)
+        self.dtype = dtype
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            module.requires_grad_(False)
+            module.eval()
+
+    def mask_sites(self) -> list[MaskSite]:
+        return flux_mask_sites(self.transformer)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> FluxConditioning:
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_text)
+        return FluxConditioning(embeds.to(self.dtype), pooled.to(self.dtype), text_ids)
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        """Packed starting latents, each drawn from its own CPU generator (same on every device)."""
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        channels = self.transformer.config.in_channels // 4
+        latents, self._latent_ids = self.pipe.prepare_latents(
+            len(seeds), channels, self.height, self.width, torch.float32, self.device, generators)
+        return latents
+
+    def _image_ids(self) -> torch.Tensor:
+        if getattr(self, "_latent_ids", None) is None:
+            self.noise([0])
+        return self._latent_ids
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """Noise levels of FLUX's flow-match Euler schedule: num_steps + 1 values, 1 -> 0."""
+        if num_steps < 1:
+            raise ModelError(f"sampling steps must be at least 1, got {num_steps}")
+        scheduler = self.pipe.scheduler
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            seq_len = (self.height // self.pipe.vae_scale_factor // 2) * (self.width // self.pipe.vae_scale_factor // 2)
+            kwargs["mu"] = calculate_shift(
+                seq_len, scheduler.config.get("base_image_seq_len", 256), scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=sigmas, device=self.device, **kwargs)
+        return scheduler.sigmas.to(torch.float32)
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: FluxConditioning) -> torch.Tensor:
+        batch = latents.shape[0]
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), self.guidance, device=self.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=latents.to(self.dtype),
+            encoder_hidden_states=cond.prompt_embeds,
+            pooled_projections=cond.pooled,
+            # the transformer takes sigma in [0, 1]; the pipeline divides the scheduler's t by 1000
+            timestep=sigma.expand(batch).to(self.dtype),
+            img_ids=self._image_ids(),
+            txt_ids=cond.text_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = self.pipe._unpack_latents(latents, self.height, self.width, self.pipe.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return ((image.float() + 1) / 2).clamp(0, 1)
+
+
+def load(model: str, model_path: str | None, *, dtype: str = "fp32", device: str = "cpu") -> FluxGenerator:
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    if model in RANDOM_CONFIGS:
+        spec = RANDOM_CONFIGS[model]
+        if model_path is not None:
+            pipe = _from_pretrained(model_path, torch_dtype, local=True)
+        else:
+            pipe = build_random_pipeline(model)
+            if torch_dtype != torch.float32:
+                pipe.to(dtype=torch_dtype)
+        guidance, max_text = 0.0, spec["max_text"]
+    else:
+        spec = CHECKPOINTS[model]
+        pipe = _from_pretrained(model_path or spec["hub_id"], torch_dtype, local=model_path is not None)
+        guidance, max_text = spec["guidance"], spec["max_text"]
+    pipe.to(device)
+    return FluxGenerator(pipe, model, size=spec["size"], default_steps=spec["steps"], guidance=guidance,
+                         max_text=max_text, device=device, dtype=torch_dtype)
+
+
+def _from_pretrained(source: str, torch_dtype, *, local: bool):
+    from diffusers import FluxPipeline
+
+    if local and not os.path.isdir(source):
+        raise ModelError(f"model path {source!r} is not a directory; pass --model-path DIR with a diffusers "
+                         "FLUX.1 folder (model_index.json, transformer/, vae/, text_encoder/, ...)")
+    if local and not os.path.isfile(os.path.join(source, "model_index.json")):
+        raise ModelError(f"{source!r} has no model_index.json: it is not a diffusers pipeline folder; "
+                         "download one with `hf download black-forest-labs/FLUX.1-schnell --local-dir DIR`")
+    try:
+        return FluxPipeline.from_pretrained(source, torch_dtype=torch_dtype, local_files_only=local)
+    except (OSError, ValueError) as err:
+        where = "the folder" if local else "the hub (no network or no access?)"
+        raise ModelError(f"could not load FLUX.1 weights from {where} {source!r}: {err}. "
+                         "Pass --model-path DIR with a local copy of the weights.") from err
+
+
+def byte_tokenizer(max_length: int):
+    """A byte-level tokenizer built in code (no vocabulary files to download) for random configs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def build_random_pipeline(model: str, seed: int = 0):
+    """A FluxPipeline of the FLUX.1 architecture from a small config, with random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    spec = RANDOM_CONFIGS[model]
+    tcfg = spec["transformer"]
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**tcfg)
+    vocab_size = 256 + 3
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=tcfg["pooled_projection_dim"], intermediate_size=2 * tcfg["pooled_projection_dim"],
+        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=spec["max_text"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=1, projection_dim=tcfg["pooled_projection_dim"]))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=tcfg["joint_attention_dim"], d_kv=8, d_ff=2 * tcfg["joint_attention_dim"],
+        num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1))
+    blocks = spec["vae_blocks"]
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=spec["latent_channels"], block_out_channels=blocks,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks), up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        layers_per_block=1, norm_num_groups=8, sample_size=spec["size"], use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=byte_tokenizer(spec["max_text"]),
+        text_encoder_2=t5, tokenizer_2=byte_tokenizer(spec["max_text"]), transformer=transformer)
