@@ -204,7 +204,7 @@ def _from_pretrained(source: str, torch_dtype, *, local: bool):
         raise ModelError(f"{source!r} has no model_index.json: it is not a diffusers pipeline folder; "
                          "download one with `hf download black-forest-labs/FLUX.1-schnell --local-dir DIR`")
     try:
-        return FluxPipeline.from_pretrained(source, torch_dtype=torch_dtype, local_files_only=local)
+        return FluxPipeline.from_pretrained(source, dtype=torch_dtype, local_files_only=local)
     except (OSError, ValueError) as err:
         where = "the folder" if local else "the hub (no network or no access?)"
         raise ModelError(f"could not load FLUX.1 weights from {where} {source!r}: {err}. "

@@ -1,0 +1,139 @@
+"""The `erase` command end to end, in process: output, files, and errors for bad input."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from erase.cli import main
+from erase.masks import load_mask_file, read_mask_metadata
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sites_json_for_real_flux(capsys):
+    code, out, _ = run(capsys, "sites", "--model", "flux.1-schnell", "--json")
+    assert code == 0
+    groups = json.loads(out)["groups"]
+    assert groups["ffn"] == {"masks": 38, "entries": 466_944}
+    assert groups["norm"] == {"masks": 19, "entries": 350_208}
+    assert groups["attn"] == {"masks": 57, "entries": 1_368}
+
+
+def test_train_writes_mask_and_metrics(tmp_path, capsys, tiny):
+    out = tmp_path / "cat.safetensors"
+    prompts = tmp_path / "cat.txt"
+    prompts.write_text("# concept prompts\na photo of a cat\n\na cat on a sofa\n")
+    code, stdout, _ = run(capsys, "train", "--model", "flux-tiny", "--concept", "cat", "--prompts", str(prompts),
+                          "--steps", "3", "--batch-size", "1", "--out", str(out), "--quiet")
+    assert code == 0, stdout
+    assert "removed" in stdout and str(out) in stdout
+    metrics = json.loads((tmp_path / "cat.json").read_text())
+    assert metrics["status"] == "finished" and metrics["steps_done"] == 3
+    masks, meta = load_mask_file(str(out), tiny.mask_sites(), "flux-tiny")
+    assert meta["concept"] == "cat" and meta["model_id"] == "flux-tiny"
+    assert {s.group for s in masks.sites} == {"ffn", "norm"}
+    code, stdout, _ = run(capsys, "masks", "inspect", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["sparsity"]["entries"] == sum(s.size for s in masks.sites)
+
+
+def test_nan_loss_exits_nonzero_and_keeps_the_last_good_mask(tmp_path, capsys, monkeypatch):
+    from pipelines.flux import FluxGenerator
+
+    calls = {"n": 0}
+    velocity = FluxGenerator.velocity
+
+    def flaky(self, x, sigma, cond):
+        calls["n"] += 1
+        out = velocity(self, x, sigma, cond)
+        return out * float("nan") if calls["n"] > 40 else out
+
+    monkeypatch.setattr(FluxGenerator, "velocity", flaky)
+    out = tmp_path / "m.safetensors"
+    code, _, err = run(capsys, "train", "--model", "flux-tiny", "--concept", "cat", "--steps", "30",
+                       "--batch-size", "1", "--out", str(out), "--quiet")
+    assert code == 1
+    assert "non-finite loss" in err and "last good mask" in err and str(out) in err
+    meta = read_mask_metadata(str(out))
+    assert json.loads(meta["extra"])["status"].startswith("stopped")
+    assert json.loads((tmp_path / "m.json").read_text())["status"].startswith("stopped")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sites", "--model", "flux.2-max"], "unknown model 'flux.2-max'; known models: flux.1-schnell"),
+    (["train", "--model", "flux-tiny", "--model-path", "/nowhere", "--concept", "cat", "--out", "m.safetensors"],
+     "model path '/nowhere' is not a directory"),
+    (["train", "--model", "flux-tiny", "--concept", "cat", "--sites", "ffn,mlp", "--out", "m.safetensors"],
+     "site group 'mlp' does not exist"),
+    (["train", "--model", "flux-tiny", "--concept", "cat", "--prompts", "/no/file.txt", "--out", "m.safetensors"],
+     "concept prompt file '/no/file.txt' does not exist"),
+    (["train", "--model", "flux-tiny", "--concept", "cat", "--target", "substitute", "--out", "m.safetensors"],
+     "--substitute OLD=NEW"),
+    (["train", "--model", "flux-tiny", "--concept", "cat", "--out", "/no/dir/m.safetensors"],
+     "output folder '/no/dir' does not exist"),
+    (["masks", "inspect", "/no/mask.safetensors"], "does not exist"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("erase: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_empty_prompt_file_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    code, _, err = run(capsys, "train", "--model", "flux-tiny", "--concept", "cat", "--neutral-prompts", str(empty),
+                       "--out", str(tmp_path / "m.safetensors"))
+    assert code == 2 and "has no prompts" in err
+
+
+def _reference_files(folder, with_attn=True):
+    from pipelines import mask_sites
+
+    sites = mask_sites("flux.1-schnell")
+    g = torch.Generator().manual_seed(0)
+    layers = {grp: [torch.randn(s.size, generator=g) for s in sites if s.group == grp] for grp in ("ffn", "norm", "attn")}
+    torch.save(layers["ffn"], folder / "ff.pt")
+    torch.save(layers["norm"], folder / "norm.pt")
+    if with_attn:
+        torch.save([torch.nn.Parameter(t) for t in layers["attn"]], folder / "attn.pt")
+    return sites, layers
+
+
+def test_import_reference_masks(tmp_path, capsys):
+    sites, layers = _reference_files(tmp_path)
+    out = tmp_path / "ref.safetensors"
+    code, stdout, _ = run(capsys, "masks", "import-reference", str(tmp_path), "--model", "flux.1-schnell",
+                          "--concept", "nudity", "--out", str(out))
+    assert code == 0 and "114 masks" in stdout
+    masks, meta = load_mask_file(str(out), sites, "flux.1-schnell")
+    ffn = [s for s in sites if s.group == "ffn"]
+    assert ffn[1].name == "ffn.transformer_blocks.0.ff_context"  # ff and ff_context alternate
+    assert torch.equal(masks.logits[ffn[1].name], layers["ffn"][1])
+    attn = [s for s in sites if s.group == "attn"]
+    assert attn[19].name == "attn.single_transformer_blocks.0"
+    assert torch.equal(masks.logits[attn[19].name], layers["attn"][19])
+    assert meta["concept"] == "nudity"
+
+
+class NotATensor:
+    pass
+
+
+def test_import_reference_refuses_anything_but_tensors(tmp_path, capsys):
+    _reference_files(tmp_path, with_attn=False)
+    with open(tmp_path / "attn.pt", "wb") as f:
+        pickle.dump([NotATensor()], f)
+    code, _, err = run(capsys, "masks", "import-reference", str(tmp_path), "--out", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "attn.pt" in err and "weights_only" in err
+    torch.save([torch.zeros(3)] * 57, tmp_path / "attn.pt")
+    code, _, err = run(capsys, "masks", "import-reference", str(tmp_path), "--out", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "has 3 entries, the site has 24" in err
+    code, _, err = run(capsys, "masks", "import-reference", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "is not a directory" in err

@@ -1,0 +1,102 @@
+"""The MCE recipe on the tiny random FLUX.1 config."""
+
+import pytest
+import torch
+
+from erase.masks import MaskError
+from erase.prompts import PromptError, parse_substitutions, substitute
+from erase.train import TrainConfig, TrainError, TrainingStopped, train
+
+CAT = ["a photo of a cat", "a cat on a sofa"]
+NEUTRAL = ["a bowl of fruit", "a red car"]
+
+
+def test_training_lowers_the_erase_loss_and_removes_units(tiny):
+    cfg = TrainConfig(concept="cat", steps=20, batch_size=2, log_every=5)
+    result = train(tiny, cfg, CAT, NEUTRAL, progress=False)
+    first, last = result.history[0], result.history[-1]
+    assert last["erase_loss"] < 0.85 * first["erase_loss"]
+    assert last["sparsity"] > 0
+    assert result.status == "finished" and result.steps_done == 20
+    for lam in result.masks.logits.values():
+        assert lam.dtype == torch.float32
+    # lr_attn is 0 by default: attention heads get no masks at all
+    assert {s.group for s in result.masks.sites} == {"ffn", "norm"}
+
+
+@pytest.mark.slow
+def test_sparsity_penalty_keeps_more_units(tiny):
+    base = TrainConfig(concept="cat", steps=20, batch_size=2, log_every=20)
+    free = train(tiny, base, CAT, NEUTRAL, progress=False).history[-1]["sparsity"]
+    penalised = TrainConfig(concept="cat", steps=20, batch_size=2, log_every=20, sparsity_weight=50.0)
+    kept = train(tiny, penalised, CAT, NEUTRAL, progress=False).history[-1]["sparsity"]
+    assert free > 0 and kept < free
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_masks(tiny, monkeypatch):
+    calls = {"n": 0}
+    velocity = type(tiny).velocity
+
+    def flaky(self, x, sigma, cond):
+        calls["n"] += 1
+        out = velocity(self, x, sigma, cond)
+        return out * float("nan") if calls["n"] > 60 else out
+
+    monkeypatch.setattr(type(tiny), "velocity", flaky)
+    cfg = TrainConfig(concept="cat", steps=50, batch_size=2, log_every=1)
+    with pytest.raises(TrainingStopped, match="non-finite loss") as err:
+        train(tiny, cfg, CAT, NEUTRAL, progress=False)
+    result = err.value.result
+    assert 0 < result.steps_done < 50
+    assert result.masks.is_finite()
+    assert len(result.history) == result.steps_done
+
+
+def test_targets_are_computed_once_per_prompt_and_noise(tiny, monkeypatch):
+    encoded = []
+    encode = type(tiny).encode
+
+    def counting(self, prompts):
+        encoded.append(tuple(prompts))
+        return encode(self, prompts)
+
+    monkeypatch.setattr(type(tiny), "encode", counting)
+    cfg = TrainConfig(concept="cat", steps=4, batch_size=1, target="substitute", substitutions={"cat": "dog"})
+    train(tiny, cfg, CAT[:1], NEUTRAL[:1], progress=False)
+    target_encodes = [p for p in encoded if p in (("a photo of a dog",), ("a bowl of fruit",))]
+    # the neutral prompt is encoded once for its target and once per step for the masked pass
+    assert encoded.count(("a photo of a dog",)) == 1
+    assert encoded.count(("a bowl of fruit",)) == 1 + 4
+    assert len(target_encodes) == 1 + 5
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(steps=0), TrainError, "steps must be at least 1"),
+    (dict(target="substitute"), TrainError, "--substitute OLD=NEW"),
+    (dict(lr_ffn=0.0, lr_norm=0.0), TrainError, "learning rate 0"),
+    (dict(target_sparsity=1.5), TrainError, "target sparsity"),
+    (dict(optimizer="sgd"), TrainError, "unknown optimizer"),
+    (dict(sites=("ffn", "mlp")), MaskError, "does not exist"),
+])
+def test_bad_settings_are_clear_errors(tiny, change, error, match):
+    cfg = TrainConfig(concept="cat", **{"steps": 2, **change})
+    with pytest.raises(error, match=match):
+        train(tiny, cfg, CAT, NEUTRAL, progress=False)
+
+
+def test_empty_prompt_lists_are_clear_errors(tiny):
+    cfg = TrainConfig(concept="cat", steps=2)
+    with pytest.raises(PromptError, match="erase prompt list is empty"):
+        train(tiny, cfg, [], NEUTRAL, progress=False)
+    with pytest.raises(PromptError, match="neutral"):
+        train(tiny, cfg, CAT, [], progress=False)
+
+
+def test_substitution_map():
+    mapping = parse_substitutions(["nude man=a man", "nude=clothed"])
+    assert substitute("a nude man on a beach", mapping) == "a a man on a beach"
+    assert substitute("nude painting", mapping) == "clothed painting"
+    with pytest.raises(PromptError, match="contains none of"):
+        substitute("a landscape", mapping)
+    with pytest.raises(PromptError, match="OLD=NEW"):
+        parse_substitutions(["no equals sign"])
