@@ -1,0 +1,234 @@
+"""The toy world's generator and detector behind the same interface as FLUX.1.
+
+Generator: diffusers' FluxTransformer2DModel (a small config) conditioned by the world's own
+small text encoder, on 16x16 RGB pixels packed 2x2 into 64 tokens of 12 channels exactly as
+FLUX packs its latents (there is no VAE: pixels are the latents). Sampled with the same
+flow-match Euler schedule as FLUX.1-schnell. Mask sites, the unrolled sampler and every
+command work on it unchanged.
+
+Detector: a small CNN naming each attribute (object, colour, style, background) of an image,
+the toy world's NudeNet / CLIP classifier.
+
+The trained weights ship in pipelines/toy_weights/ (safetensors); `python -m pipelines.toy_train`
+retrains them from a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines import MaskSite, ModelError
+from pipelines import toy_world as world
+from pipelines.flux import flux_mask_sites
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "toy_weights")
+GENERATOR_FILE = os.path.join(WEIGHTS_DIR, "generator.safetensors")
+DETECTOR_FILE = os.path.join(WEIGHTS_DIR, "detector.safetensors")
+
+TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=12, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                          num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
+                          axes_dims_rope=(8, 12, 12))
+TEXT_CONFIG = dict(width=64, layers=2, heads=4, max_len=20)
+DEFAULT_STEPS = 4
+DEFAULT_GUIDANCE = 1.0  # 1.0 = guidance-free; the shipped figures say which default was chosen
+
+
+class ToyTextEncoder(nn.Module):
+    """Word-level tokens -> a small Transformer; returns per-token embeddings and a pooled vector."""
+
+    def __init__(self, vocab: list[str], width: int, layers: int, heads: int, max_len: int):
+        super().__init__()
+        self.vocab = list(vocab)
+        self.index = {w: i + 3 for i, w in enumerate(self.vocab)}  # 0 pad, 1 unknown, 2 start
+        self.max_len = max_len
+        self.embed = nn.Embedding(len(self.vocab) + 3, width)
+        self.position = nn.Parameter(torch.zeros(max_len, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.pool = nn.Linear(width, TRANSFORMER_CONFIG["pooled_projection_dim"])
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        ids = torch.zeros(len(prompts), self.max_len, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            words = prompt.lower().replace(",", " ").split()[: self.max_len - 1]
+            ids[row, 0] = 2
+            for col, word in enumerate(words, start=1):
+                ids[row, col] = self.index.get(word, 1)
+        return ids
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(ids) + self.position[: ids.shape[1]]
+        h = self.norm(self.encoder(h, src_key_padding_mask=ids == 0))
+        return h, self.pool(h[:, 0])
+
+
+class ToyDetector(nn.Module):
+    """A CNN with one head per attribute; logits in world.ATTRIBUTES order."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU())
+        self.heads = nn.ModuleList([nn.Linear(128, len(world.GROUPS[world.GROUP_OF_ATTRIBUTE[a]]))
+                                    for a in world.ATTRIBUTES])
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        h = self.features(images * 2 - 1)
+        return [head(h) for head in self.heads]
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> list[dict[str, str]]:
+        """Images (B, 3, 16, 16) in [0, 1] -> the name of each attribute per image."""
+        logits = self(images.float())
+        names = {a: list(world.GROUPS[world.GROUP_OF_ATTRIBUTE[a]]) for a in world.ATTRIBUTES}
+        picks = [lg.argmax(-1).tolist() for lg in logits]
+        return [{a: names[a][picks[i][n]] for i, a in enumerate(world.ATTRIBUTES)} for n in range(images.shape[0])]
+
+
+def pack(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 16, 16) in [0, 1] -> (B, 64, 12) in [-1, 1], 2x2 patches as FLUX packs latents."""
+    b, c, h, w = images.shape
+    x = images * 2 - 1
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(latents: torch.Tensor) -> torch.Tensor:
+    b, n, ch = latents.shape
+    side = int(round(n ** 0.5))
+    x = latents.view(b, side, side, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return ((x.reshape(b, ch // 4, side * 2, side * 2) + 1) / 2).clamp(0, 1)
+
+
+def image_ids() -> torch.Tensor:
+    side = world.SIZE // 2
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return ids.reshape(side * side, 3)
+
+
+def build_models(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+    text = ToyTextEncoder(world.vocabulary(), **TEXT_CONFIG)
+    return transformer, text
+
+
+@dataclass
+class ToyConditioning:
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+    uncond_embeds: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
+
+
+class ToyGenerator:
+    model_id = "toy"
+
+    def __init__(self, transformer, text_encoder, *, guidance: float = DEFAULT_GUIDANCE, default_steps: int = DEFAULT_STEPS,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.transformer = transformer.to(device=device, dtype=dtype)
+        self.text_encoder = text_encoder.to(device)
+        for module in (self.transformer, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # FLUX.1-schnell's schedule
+        self.guidance = guidance
+        self.default_steps = default_steps
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._image_ids = image_ids().to(device)
+        self._text_ids = torch.zeros(text_encoder.max_len, 3, device=device)
+
+    def mask_sites(self) -> list[MaskSite]:
+        return flux_mask_sites(self.transformer)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> ToyConditioning:
+        embeds, pooled = self.text_encoder(self.text_encoder.tokenize(list(prompts)).to(self.device))
+        cond = ToyConditioning(embeds.to(self.dtype), pooled.to(self.dtype), self._text_ids)
+        if self.guidance != 1.0:
+            u_embeds, u_pooled = self.text_encoder(self.text_encoder.tokenize([""] * len(prompts)).to(self.device))
+            cond.uncond_embeds, cond.uncond_pooled = u_embeds.to(self.dtype), u_pooled.to(self.dtype)
+        return cond
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        shape = (64, 12)
+        return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]).to(self.device)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        if num_steps < 1:
+            raise ModelError(f"sampling steps must be at least 1, got {num_steps}")
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=self.device)
+        return self.scheduler.sigmas.to(torch.float32)
+
+    def _transformer(self, latents, sigma, embeds, pooled):
+        return self.transformer(hidden_states=latents.to(self.dtype), encoder_hidden_states=embeds,
+                                pooled_projections=pooled, timestep=sigma.expand(latents.shape[0]).to(self.dtype),
+                                img_ids=self._image_ids, txt_ids=self._text_ids, return_dict=False)[0].float()
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: ToyConditioning) -> torch.Tensor:
+        if cond.uncond_embeds is None:
+            return self._transformer(latents, sigma, cond.prompt_embeds, cond.pooled)
+        # classifier-free guidance: one batched pass for conditional and unconditional
+        both = self._transformer(torch.cat([latents, latents]), sigma, torch.cat([cond.prompt_embeds, cond.uncond_embeds]),
+                                 torch.cat([cond.pooled, cond.uncond_pooled]))
+        v_cond, v_uncond = both.chunk(2)
+        return v_uncond + self.guidance * (v_cond - v_uncond)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return unpack(latents.float())
+
+
+def shipped_figures() -> dict:
+    path = os.path.join(WEIGHTS_DIR, "figures.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def load(model_path: str | None = None, *, guidance: float | None = None, device: str = "cpu",
+         dtype: torch.dtype = torch.float32) -> ToyGenerator:
+    """The shipped toy generator (or one retrained into `model_path`)."""
+    from safetensors.torch import load_file
+
+    folder = model_path or WEIGHTS_DIR
+    path = os.path.join(folder, "generator.safetensors")
+    if not os.path.isfile(path):
+        raise ModelError(f"no toy generator weights at {path}; retrain them with "
+                         f"`python -m pipelines.toy_train --out {folder}`")
+    transformer, text = build_models()
+    state = load_file(path)
+    transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
+    text.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
+    if guidance is None:
+        guidance = shipped_figures().get("default_guidance", DEFAULT_GUIDANCE)
+    return ToyGenerator(transformer, text, guidance=guidance, device=device, dtype=dtype)
+
+
+def load_detector(model_path: str | None = None, device: str = "cpu") -> ToyDetector:
+    from safetensors.torch import load_file
+
+    path = os.path.join(model_path or WEIGHTS_DIR, "detector.safetensors")
+    if not os.path.isfile(path):
+        raise ModelError(f"no toy detector weights at {path}; retrain with `python -m pipelines.toy_train`")
+    detector = ToyDetector()
+    detector.load_state_dict(load_file(path))
+    return detector.to(device).eval()

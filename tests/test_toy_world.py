@@ -1,0 +1,80 @@
+"""The toy world's renderer, prompts and concept groups."""
+
+import numpy as np
+import pytest
+
+from pipelines import toy_world as world
+
+
+def test_world_has_the_required_variety():
+    assert len(world.OBJECTS) >= 6 and len(world.COLOURS) >= 5
+    assert len(world.STYLES) >= 3 and len(world.BACKGROUNDS) >= 2
+    assert set(world.GROUPS) == {"objects", "colours", "styles", "backgrounds"}
+    concepts = world.all_concepts()
+    assert len(concepts) == len(set(concepts)), "a concept name is used in two groups"
+    for concept in concepts:
+        synonyms, indirect = world.PHRASINGS[concept]
+        assert synonyms and indirect
+
+
+@pytest.mark.parametrize("obj", world.OBJECTS)
+def test_render_shows_the_object_in_its_colour_on_its_background(obj):
+    rng = np.random.default_rng(0)
+    image = world.render(obj, "red", "solid", "dark", rng)
+    assert image.shape == (16, 16, 3) and image.dtype == np.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    red = (image[..., 0] > 0.6) & (image[..., 1] < 0.4)
+    assert 15 < red.sum() < 200, "the object should cover part of the image"
+    corner = image[0, 0]
+    assert np.abs(corner - np.array(world.BACKGROUNDS["dark"])).max() < 0.2
+
+
+def test_shapes_are_distinct_and_styles_change_pixels():
+    rng = np.random.default_rng(1)
+    silhouettes = {}
+    for obj in world.OBJECTS:
+        image = world.render(obj, "yellow", "solid", "dark", np.random.default_rng(5))
+        silhouettes[obj] = image[..., 0] > 0.5
+    for a in world.OBJECTS:
+        for b in world.OBJECTS:
+            if a < b:
+                assert (silhouettes[a] != silhouettes[b]).sum() >= 12, f"{a} and {b} look alike"
+    solid = world.render("square", "blue", "solid", "light", np.random.default_rng(2)) < 0.5
+    outlined = world.render("square", "blue", "outlined", "light", np.random.default_rng(2)) < 0.5
+    striped = world.render("square", "blue", "striped", "light", np.random.default_rng(2)) < 0.5
+    assert outlined[..., 0].sum() < solid[..., 0].sum() and striped[..., 0].sum() < solid[..., 0].sum()
+    assert (outlined != striped).any()
+
+
+def test_prompts_name_the_attributes_in_each_phrasing():
+    attrs = {"object": "triangle", "colour": "green", "style": "outlined", "background": "light"}
+    assert world.make_prompt(attrs) == "an outlined green triangle on a light background"
+    assert world.make_prompt({**attrs, "style": None, "background": None}) == "a green triangle"
+    synonym = world.make_prompt(attrs, {"object": "synonym"})
+    assert "triangle" not in synonym and world.PHRASINGS["triangle"][0][0] in synonym
+    indirect = world.make_prompt(attrs, {"colour": "indirect"})
+    assert "green" not in indirect and world.PHRASINGS["green"][1][0] in indirect
+    vocab = set(world.vocabulary())
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        _, prompt, _ = world.training_example(rng)
+        assert set(prompt.split()) <= vocab, prompt
+
+
+def test_concept_prompts_cover_the_other_attributes():
+    prompts = world.concept_prompts("circle")
+    assert len(prompts) == len(world.STYLES) * len(world.COLOURS)
+    assert all("circle" in p for p in prompts)
+    rephrased = world.concept_prompts("circle", "synonym")
+    assert not any("circle" in p for p in rephrased)
+    assert world.attribute_of("striped") == "style" and world.group_of("dark") == "backgrounds"
+
+
+def test_held_out_combinations_never_appear_in_training():
+    rng = np.random.default_rng(0)
+    examples = [world.training_example(rng)[2] for _ in range(3000)]
+    seen = {(attrs["object"], attrs["colour"]) for attrs in examples}
+    assert len(seen) == len(world.OBJECTS) * len(world.COLOURS) - len(world.HELD_OUT)
+    assert not seen & set(world.HELD_OUT)
+    held = {o for o, _ in world.HELD_OUT}, {c for _, c in world.HELD_OUT}
+    assert held[0] == set(world.OBJECTS) and held[1] == set(world.COLOURS)
