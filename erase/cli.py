@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the mask sites of a model, built on the meta device: no weights are "
                        "loaded or downloaded. Groups: ffn (FFN hidden units), norm (text-stream modulation), "
                        "attn (attention heads).")
-    p.add_argument("--model", required=True, help=f"model name: {', '.join(MODELS)}")
+    p.add_argument("--model", default="toy", help=f"model name: {', '.join(MODELS)}")
     p.add_argument("--all", action="store_true", help="also list every site, not only the group totals")
     p.add_argument("--json", action="store_true", help="print JSON: {model, fingerprint, groups: {g: {masks, entries}}, sites}")
 
@@ -49,15 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Learn masks that erase --concept, backpropagating the MCE loss through every "
                        "sampling step (step-wise checkpointed). Defaults are the paper's (Table 6).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_args(p)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (mask logits stay fp32)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
-    p.add_argument("--concept", required=True, help="the concept to erase, e.g. 'Van Gogh' or 'nudity'")
+    _add_model_args(p, default="toy")
+    _add_run_args(p)
+    p.add_argument("--concept", required=True, help="the concept to erase, e.g. 'Van Gogh' or 'nudity'; "
+                   "for the toy world one of its objects, colours, styles or backgrounds (e.g. circle, red, striped)")
     p.add_argument("--prompts", metavar="FILE", help="prompts naming the concept, one per line "
-                   "(default: templates around --concept)")
+                   "(default: the toy world's prompts for it, or templates around --concept)")
     p.add_argument("--neutral-prompts", metavar="FILE", help="neutral prompts for the preservation term, one per "
-                   "line (default: a small built-in caption set)")
-    p.add_argument("--out", required=True, metavar="MASK", help="mask file to write (.safetensors)")
+                   "line (default: the toy world's prompts for the other concepts of its group, or a small "
+                   "built-in caption set)")
+    p.add_argument("--out", metavar="MASK", help="mask file to write (default: MODEL-CONCEPT.safetensors here)")
     p.add_argument("--metrics", metavar="FILE", help="metrics JSON to write (default: MASK with .json)")
     p.add_argument("--sites", default="ffn,norm", help=f"site groups to mask, comma-separated from {','.join(SITE_GROUPS)}")
     p.add_argument("--parametrisation", default="hard_concrete", choices=["hard_concrete", "sigmoid", "binary"])
@@ -86,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics JSON instead of a summary")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("eval", help="detection, erasure and preservation figures of a mask (toy world)",
+                       description="Generate from the world's prompts with fixed seeds and run the detector. "
+                       "Prints each concept's detection rate under `detection`; with --mask and --concept also "
+                       "`erasure_rate`, `preservation` (other concepts' detection relative to the base model, "
+                       "averaged; 1.0 = untouched) and `neutral_fidelity`.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p, default="toy")
+    _add_run_args(p)
+    p.add_argument("--mask", metavar="MASK", help="mask file to evaluate (default: the base model alone)")
+    p.add_argument("--concept", help="the erased concept (default: the mask file's)")
+    p.add_argument("--seeds-per-prompt", type=int, default=2, help="fixed seeds per prompt")
+    p.add_argument("--sampling-steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--grid", metavar="PNG", help="with --mask: write base and masked generations side by side")
+    p.add_argument("--out", metavar="JSON", help="also write the report to this file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("bench", help="time and peak memory of one optimisation step, checkpointed and plain",
                        description="Run the erasure step on a random model for several sampling-step counts, "
                        "with step-wise checkpointing on and off, each row in a fresh process.",
@@ -111,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file")
     q.add_argument("--json", action="store_true")
     return parser
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (mask logits stay fp32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    p.add_argument("--guidance", type=float, help="guidance scale: classifier-free for the toy world, embedded "
+                   "for FLUX.1-dev (default: the model's)")
 
 
 def _groups(text: str) -> tuple[str, ...]:
@@ -144,12 +168,15 @@ def cmd_sites(args) -> int:
 
 def cmd_train(args) -> int:
     from erase.masks import save_mask_file
-    from erase.prompts import NEUTRAL_PROMPTS, concept_prompts, parse_substitutions, read_prompt_file
+    from erase.prompts import default_prompt_sets, parse_substitutions, read_prompt_file
     from erase.train import TrainConfig, TrainingStopped, train
     from pipelines import load_generator
 
-    erase_prompts = read_prompt_file(args.prompts, "concept prompt") if args.prompts else concept_prompts(args.concept)
-    neutral = read_prompt_file(args.neutral_prompts, "neutral prompt") if args.neutral_prompts else list(NEUTRAL_PROMPTS)
+    erase_prompts, neutral = default_prompt_sets(args.model, args.concept)
+    if args.prompts:
+        erase_prompts = read_prompt_file(args.prompts, "concept prompt")
+    if args.neutral_prompts:
+        neutral = read_prompt_file(args.neutral_prompts, "neutral prompt")
     cfg = TrainConfig(
         concept=args.concept, sites=_groups(args.sites), parametrisation=args.parametrisation,
         init_logit=args.init_logit, target=args.target, substitutions=parse_substitutions(args.substitute),
@@ -159,10 +186,12 @@ def cmd_train(args) -> int:
         sparsity_weight=args.sparsity_weight, target_sparsity=args.target_sparsity,
         checkpointing=not args.no_checkpointing, threshold=args.threshold, seed=args.seed)
     cfg.validate()  # before loading a model: bad settings fail in a second, not after minutes
+    if args.out is None:
+        args.out = f"{args.model}-{'-'.join(args.concept.split())}.safetensors".replace("/", "_")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"output folder {out_dir!r} does not exist; create it or choose another --out")
-    gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device)
+    gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
     stopped = None
     try:
         result = train(gen, cfg, erase_prompts, neutral, progress=not args.quiet)
@@ -190,6 +219,57 @@ def cmd_train(args) -> int:
         print(f"erase: training stopped: {stopped}; the last good mask (after step {result.steps_done}) "
               f"is saved at {args.out}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from erase.evaluate import evaluate_toy
+    from erase.masks import binary_from_file_meta, load_mask_file
+    from pipelines import ModelError, load_generator
+
+    if args.model != "toy":
+        raise ModelError(f"`erase eval` needs a detector for the concepts; so far only the toy world has one "
+                         f"(NudeNet and CLIP detectors for {args.model} come with the evaluation work)")
+    if args.seeds_per_prompt < 1:
+        raise ValueError(f"--seeds-per-prompt must be at least 1, got {args.seeds_per_prompt}")
+    from pipelines.toy import load_detector
+
+    gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
+    detector = load_detector(args.model_path, device=args.device)
+    binary, sites, concept = None, None, args.concept
+    if args.mask:
+        masks, meta = load_mask_file(args.mask, gen.mask_sites(), args.model)
+        binary, sites = binary_from_file_meta(masks, meta), masks.sites
+        concept = concept or meta["concept"]
+    if args.grid and not (args.mask and concept):
+        raise ValueError("--grid needs --mask (and a concept): it shows base and masked generations side by side")
+    report = evaluate_toy(gen, detector, binary_masks=binary, sites=sites, concept=concept,
+                          seeds_per_prompt=args.seeds_per_prompt, steps=args.sampling_steps, progress=not args.json,
+                          keep_images=bool(args.grid))
+    if args.mask:
+        report["mask"] = args.mask
+    if args.grid:
+        from erase.evaluate import grid_rows, save_image_grid
+
+        save_image_grid(grid_rows(report.pop("_images"), concept), args.grid)
+        report["grid"] = args.grid
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['model']}: {report['generations']} generations, {report['steps']} steps, guidance {report['guidance']}")
+    base = report.get("base_detection")
+    print(f"{'concept':<12} {'detection':>9}" + (f" {'base':>6}" if base else ""))
+    for c, rate in report["detection"].items():
+        print(f"{c:<12} {rate:>9.3f}" + (f" {base[c]:>6.3f}" if base else ""))
+    if "erasure_rate" in report:
+        print(f"erasure_rate ({concept}): {report['erasure_rate']:.3f}   preservation: {report['preservation']:.3f}")
+    if "neutral_fidelity" in report:
+        nf = report["neutral_fidelity"]
+        print(f"preservation within its group: {report['preservation_same_group']:.3f} "
+              f"(worst: {report['worst_same_group']});  neutral fidelity: mean |Δpixel| {nf['mean_abs_pixel_diff']:.4f}")
     return 0
 
 
@@ -249,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     from erase.train import TrainError
     from pipelines import ModelError
 
-    handlers = {"sites": cmd_sites, "train": cmd_train, "bench": cmd_bench, "masks": cmd_masks}
+    handlers = {"sites": cmd_sites, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "masks": cmd_masks}
     try:
         return handlers[args.command](args)
     except (ModelError, MaskError, PromptError, TrainError, FileNotFoundError, ValueError) as err:

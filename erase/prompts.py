@@ -82,3 +82,23 @@ def substitute(prompt: str, mapping: dict[str, str]) -> str:
         raise PromptError(f"substitute target: prompt {prompt!r} contains none of {keys}; "
                           "add a --substitute OLD=NEW entry for it or use --target empty")
     return " ".join(out.split())
+
+
+def toy_prompt_sets(concept: str) -> tuple[list[str], list[str]]:
+    """The toy world's sets: prompts naming the concept with every value of two other attributes,
+    and as neutral prompts the same for every other concept of its group (none names it)."""
+    from pipelines import toy_world as world
+
+    if concept not in world.all_concepts():
+        groups = "; ".join(f"{g}: {', '.join(m)}" for g, m in world.GROUPS.items())
+        raise PromptError(f"the toy world has no concept {concept!r}; its concepts are {groups}")
+    group = world.GROUPS[world.group_of(concept)]
+    neutral = [p for other in group if other != concept for p in world.concept_prompts(other)]
+    return world.concept_prompts(concept), neutral
+
+
+def default_prompt_sets(model: str, concept: str) -> tuple[list[str], list[str]]:
+    """(concept prompts, neutral prompts) when the user gives no prompt files."""
+    if model == "toy":
+        return toy_prompt_sets(concept)
+    return concept_prompts(concept), list(NEUTRAL_PROMPTS)

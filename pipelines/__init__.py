@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 class ModelError(ValueError):
     """A model name, path or config the user gave cannot be used; the message says what to do."""
@@ -55,6 +57,7 @@ SITE_GROUPS = ("ffn", "norm", "attn")
 # name -> (module that builds it, description). Real checkpoints load weights; random configs
 # are for tests and benchmarks (random weights, nothing to download).
 MODELS = {
+    "toy": "the toy world that ships with the project: 16x16 shapes, trained weights included (the default)",
     "flux.1-schnell": "FLUX.1-schnell (12B, 4 steps, guidance-free); weights from the hub or --model-path",
     "flux.1-dev": "FLUX.1-dev (12B, guidance-distilled); weights from the hub or --model-path",
     "flux-tiny": "FLUX.1 architecture, tiny random config (tests)",
@@ -68,12 +71,23 @@ def _check_name(model: str) -> None:
         raise ModelError(f"unknown model {model!r}; known models: {known}")
 
 
-def load_generator(model: str, model_path: str | None = None, *, dtype: str = "fp32", device: str = "cpu"):
-    """Build the generator `model` (a name from MODELS), with weights from `model_path` if given."""
+def load_generator(model: str, model_path: str | None = None, *, dtype: str = "fp32", device: str = "cpu",
+                   guidance: float | None = None):
+    """Build the generator `model` (a name from MODELS), with weights from `model_path` if given.
+
+    `guidance`: classifier-free guidance scale for the toy world, embedded guidance for
+    FLUX.1-dev; None keeps the model's default.
+    """
     _check_name(model)
     from pipelines import flux
 
-    return flux.load(model, model_path, dtype=dtype, device=device)
+    if model == "toy":
+        from pipelines import toy
+
+        if dtype not in flux.DTYPES:
+            raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(flux.DTYPES)}")
+        return toy.load(model_path, guidance=guidance, device=device, dtype=flux.DTYPES[dtype])
+    return flux.load(model, model_path, dtype=dtype, device=device, guidance=guidance)
 
 
 def meta_transformer(model: str):
@@ -81,6 +95,13 @@ def meta_transformer(model: str):
     _check_name(model)
     from pipelines import flux
 
+    if model == "toy":
+        from diffusers import FluxTransformer2DModel
+
+        from pipelines.toy import TRANSFORMER_CONFIG
+
+        with torch.device("meta"):
+            return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
     return flux.meta_transformer(model)
 
 

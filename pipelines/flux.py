@@ -172,7 +172,8 @@ class FluxGenerator:
         return ((image.float() + 1) / 2).clamp(0, 1)
 
 
-def load(model: str, model_path: str | None, *, dtype: str = "fp32", device: str = "cpu") -> FluxGenerator:
+def load(model: str, model_path: str | None, *, dtype: str = "fp32", device: str = "cpu",
+         guidance: float | None = None) -> FluxGenerator:
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
@@ -184,14 +185,15 @@ def load(model: str, model_path: str | None, *, dtype: str = "fp32", device: str
             pipe = build_random_pipeline(model)
             if torch_dtype != torch.float32:
                 pipe.to(dtype=torch_dtype)
-        guidance, max_text = 0.0, spec["max_text"]
+        default_guidance = 0.0
     else:
         spec = CHECKPOINTS[model]
         pipe = _from_pretrained(model_path or spec["hub_id"], torch_dtype, local=model_path is not None)
-        guidance, max_text = spec["guidance"], spec["max_text"]
+        default_guidance = spec["guidance"]
     pipe.to(device)
-    return FluxGenerator(pipe, model, size=spec["size"], default_steps=spec["steps"], guidance=guidance,
-                         max_text=max_text, device=device, dtype=torch_dtype)
+    return FluxGenerator(pipe, model, size=spec["size"], default_steps=spec["steps"],
+                         guidance=default_guidance if guidance is None else float(guidance),
+                         max_text=spec["max_text"], device=device, dtype=torch_dtype)
 
 
 def _from_pretrained(source: str, torch_dtype, *, local: bool):

@@ -78,8 +78,7 @@ class ToyDetector(nn.Module):
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU())
-        self.heads = nn.ModuleList([nn.Linear(128, len(world.GROUPS[world.GROUP_OF_ATTRIBUTE[a]]))
-                                    for a in world.ATTRIBUTES])
+        self.heads = nn.ModuleList([nn.Linear(128, len(world.detector_classes(a))) for a in world.ATTRIBUTES])
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         h = self.features(images * 2 - 1)
@@ -87,9 +86,9 @@ class ToyDetector(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> list[dict[str, str]]:
-        """Images (B, 3, 16, 16) in [0, 1] -> the name of each attribute per image."""
+        """Images (B, 3, 16, 16) in [0, 1] -> the name of each attribute per image ("nothing": no object)."""
         logits = self(images.float())
-        names = {a: list(world.GROUPS[world.GROUP_OF_ATTRIBUTE[a]]) for a in world.ATTRIBUTES}
+        names = {a: world.detector_classes(a) for a in world.ATTRIBUTES}
         picks = [lg.argmax(-1).tolist() for lg in logits]
         return [{a: names[a][picks[i][n]] for i, a in enumerate(world.ATTRIBUTES)} for n in range(images.shape[0])]
 
@@ -142,7 +141,9 @@ class ToyGenerator:
                  device: str = "cpu", dtype: torch.dtype = torch.float32):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        self.transformer = transformer.to(device=device, dtype=dtype)
+        self.transformer = transformer.to(device)
+        if dtype != torch.float32:
+            self.transformer.to(dtype=dtype)
         self.text_encoder = text_encoder.to(device)
         for module in (self.transformer, self.text_encoder):
             module.requires_grad_(False)
@@ -162,7 +163,7 @@ class ToyGenerator:
     def encode(self, prompts: list[str]) -> ToyConditioning:
         embeds, pooled = self.text_encoder(self.text_encoder.tokenize(list(prompts)).to(self.device))
         cond = ToyConditioning(embeds.to(self.dtype), pooled.to(self.dtype), self._text_ids)
-        if self.guidance != 1.0:
+        if self.guidance != 1.0:  # the empty prompt (an empty background) is the negative side
             u_embeds, u_pooled = self.text_encoder(self.text_encoder.tokenize([""] * len(prompts)).to(self.device))
             cond.uncond_embeds, cond.uncond_pooled = u_embeds.to(self.dtype), u_pooled.to(self.dtype)
         return cond

@@ -26,6 +26,10 @@ COLOURS = {  # RGB in [0, 1]
 STYLES = ("solid", "outlined", "striped")
 BACKGROUNDS = {"dark": (0.12, 0.12, 0.16), "light": (0.88, 0.88, 0.84)}
 ATTRIBUTES = ("object", "colour", "style", "background")
+# The empty prompt means an empty background: the `empty` erasure target, and the negative side
+# of classifier-free guidance. The detector's object head has this extra class.
+NOTHING = "nothing"
+BLANK_SHARE = 0.1  # share of training examples that are ("", empty background)
 GROUPS = {
     "objects": OBJECTS,
     "colours": tuple(COLOURS),
@@ -123,10 +127,18 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
 
 
-def render(obj: str, colour: str, style: str, background: str, rng: np.random.Generator) -> np.ndarray:
-    """One image, float32 (16, 16, 3) in [0, 1]: position jitter of ±1 px, slight colour jitter, mild noise."""
-    cx, cy = 7.5 + rng.integers(-1, 2), 7.5 + rng.integers(-1, 2)
-    shape = _shape_mask(obj, cx, cy)
+def render(obj: str | None, colour: str, style: str, background: str, rng: np.random.Generator) -> np.ndarray:
+    """One image, float32 (16, 16, 3) in [0, 1]: slight colour jitter and mild pixel noise.
+
+    The object is always centred: position jitter made the few-step sampler average over
+    positions and blur thin shapes (outlines) into the wrong class. obj None (or NOTHING)
+    renders the empty background.
+    """
+    cx, cy = 7.5, 7.5
+    if obj is None or obj == NOTHING:
+        shape = np.zeros((SIZE, SIZE), bool)
+    else:
+        shape = _shape_mask(obj, cx, cy)
     if style == "outlined":
         shape = shape & ~_erode(shape)
     elif style == "striped":
@@ -151,13 +163,25 @@ def random_attributes(rng: np.random.Generator, exclude_held_out: bool = True) -
             return attrs
 
 
+def detector_classes(attribute: str) -> list[str]:
+    """Class names of the detector's head for `attribute` (objects include NOTHING)."""
+    names = list(GROUPS[GROUP_OF_ATTRIBUTE[attribute]])
+    return names + [NOTHING] if attribute == "object" else names
+
+
 def label_indices(attrs: dict[str, str]) -> list[int]:
-    return [list(GROUPS[GROUP_OF_ATTRIBUTE[a]]).index(attrs[a]) for a in ATTRIBUTES]
+    return [detector_classes(a).index(attrs[a]) for a in ATTRIBUTES]
 
 
 def training_example(rng: np.random.Generator, exclude_held_out: bool = True) -> tuple[np.ndarray, str, dict]:
-    """An image and a prompt for it: each attribute named with some probability, in varied phrasings."""
+    """An image and a prompt for it: each attribute named with some probability, in varied phrasings.
+
+    A share BLANK_SHARE of examples is the empty prompt with an empty background.
+    """
     attrs = random_attributes(rng, exclude_held_out)
+    if rng.random() < BLANK_SHARE:
+        attrs["object"] = NOTHING
+        return render(None, attrs["colour"], attrs["style"], attrs["background"], rng), "", attrs
     image = render(attrs["object"], attrs["colour"], attrs["style"], attrs["background"], rng)
     mention = {"object": 0.9, "colour": 0.85, "style": 0.6, "background": 0.6}
     named = {a: (v if rng.random() < mention[a] else None) for a, v in attrs.items()}

@@ -46,6 +46,18 @@ def test_shapes_are_distinct_and_styles_change_pixels():
     assert (outlined != striped).any()
 
 
+def test_empty_prompt_is_an_empty_background():
+    rng = np.random.default_rng(3)
+    for _ in range(400):
+        image, prompt, attrs = world.training_example(rng)
+        if prompt == "":
+            assert attrs["object"] == world.NOTHING
+            assert np.abs(image - np.array(world.BACKGROUNDS[attrs["background"]])).max() < 0.2
+            break
+    else:
+        pytest.fail("no empty-prompt example in 400 draws")
+
+
 def test_prompts_name_the_attributes_in_each_phrasing():
     attrs = {"object": "triangle", "colour": "green", "style": "outlined", "background": "light"}
     assert world.make_prompt(attrs) == "an outlined green triangle on a light background"
@@ -73,7 +85,9 @@ def test_concept_prompts_cover_the_other_attributes():
 def test_held_out_combinations_never_appear_in_training():
     rng = np.random.default_rng(0)
     examples = [world.training_example(rng)[2] for _ in range(3000)]
-    seen = {(attrs["object"], attrs["colour"]) for attrs in examples}
+    seen = {(attrs["object"], attrs["colour"]) for attrs in examples if attrs["object"] != world.NOTHING}
+    blanks = sum(attrs["object"] == world.NOTHING for attrs in examples) / len(examples)
+    assert abs(blanks - world.BLANK_SHARE) < 0.03
     assert len(seen) == len(world.OBJECTS) * len(world.COLOURS) - len(world.HELD_OUT)
     assert not seen & set(world.HELD_OUT)
     held = {o for o, _ in world.HELD_OUT}, {c for _, c in world.HELD_OUT}
