@@ -65,7 +65,7 @@ def test_nan_loss_exits_nonzero_and_keeps_the_last_good_mask(tmp_path, capsys, m
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["sites", "--model", "flux.2-max"], "unknown model 'flux.2-max'; known models: flux.1-schnell"),
+    (["sites", "--model", "flux.2-max"], "unknown model 'flux.2-max'; known models: toy, flux.1-schnell"),
     (["train", "--model", "flux-tiny", "--model-path", "/nowhere", "--concept", "cat", "--out", "m.safetensors"],
      "model path '/nowhere' is not a directory"),
     (["train", "--model", "flux-tiny", "--concept", "cat", "--sites", "ffn,mlp", "--out", "m.safetensors"],
