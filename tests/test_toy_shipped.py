@@ -1,0 +1,60 @@
+"""The toy world's shipped generator and detector: size, loading, the recorded bars, and a real erasure."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from erase.evaluate import detection_rates, generate
+from erase.masks import MaskHooks, fingerprint
+from pipelines import load_generator, mask_sites, toy
+from pipelines import toy_world as world
+from pipelines.toy_train import detector_accuracy, held_out_quality
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_generator("toy"), toy.load_detector()
+
+
+def test_shipped_weights_are_small_and_load(shipped):
+    size = os.path.getsize(toy.GENERATOR_FILE) + os.path.getsize(toy.DETECTOR_FILE)
+    assert size <= 20 * 2**20
+    gen, _ = shipped
+    assert gen.model_id == "toy" and gen.default_steps == 4
+    assert fingerprint(gen.mask_sites()) == fingerprint(mask_sites("toy"))
+
+
+def test_detector_names_every_attribute_of_fresh_renders(shipped):
+    _, detector = shipped
+    accuracy = detector_accuracy(detector, seed=4242, n=1500)
+    assert min(accuracy.values()) >= 0.98, accuracy
+
+
+def test_generator_meets_the_held_out_bar_as_recorded(shipped):
+    gen, detector = shipped
+    with open(os.path.join(toy.WEIGHTS_DIR, "figures.json")) as f:
+        figures = json.load(f)
+    assert gen.guidance == figures["default_guidance"]
+    quality = held_out_quality(gen, detector)  # the recipe's own check: same prompts, same seeds
+    assert quality["accuracy"]["object"] >= 0.9 and quality["accuracy"]["colour"] >= 0.9, quality
+    recorded = figures["held_out_quality_by_guidance"][str(float(gen.guidance))]["accuracy"]
+    assert quality["accuracy"]["object"] == pytest.approx(recorded["object"], abs=0.03)
+
+
+@pytest.mark.slow
+def test_short_erasure_lowers_the_concept_detection_rate(shipped):
+    from erase.prompts import toy_prompt_sets
+    from erase.train import TrainConfig, train
+
+    gen, detector = shipped
+    erase_prompts, neutral = toy_prompt_sets("circle")
+    result = train(gen, TrainConfig(concept="circle", steps=40, log_every=40), erase_prompts[::2], neutral[::4],
+                   progress=False)
+    prompts = world.concept_prompts("circle")
+    seeds = list(range(7000, 7000 + len(prompts)))
+    before = detection_rates(detector.predict(generate(gen, prompts, seeds)), ["circle"] * len(prompts))["circle"]
+    with MaskHooks(gen.transformer, result.masks.sites, result.masks.binary()):
+        after = detection_rates(detector.predict(generate(gen, prompts, seeds)), ["circle"] * len(prompts))["circle"]
+    assert before >= 0.8 and after <= before - 0.3, (before, after)
