@@ -56,7 +56,7 @@ def measure_row(model: str, steps: int, checkpointing: bool, *, batch_size: int 
     marks: list[float] = []
     baseline: list[float] = []
 
-    def on_log(row, masks):
+    def on_log(row, state):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         marks.append(time.perf_counter())

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import time
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -185,6 +186,16 @@ class MaskHooks:
                     hook = module.register_forward_hook(partial(self._on_output, site.name, tap))
                 self.handles.append(hook)
 
+    @contextmanager
+    def using(self, values: dict[str, torch.Tensor]):
+        """Apply `values` inside the block only. Velocity functions enter this themselves, so that a
+        checkpointed step recomputed during backward sees the same masks as its forward."""
+        saved, self.values = self.values, values
+        try:
+            yield self
+        finally:
+            self.values = saved
+
     def _scale(self, x: torch.Tensor, name: str, tap) -> torch.Tensor:
         mask = self.values.get(name)
         if mask is None:
@@ -215,6 +226,20 @@ class MaskHooks:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def combine_binary(binaries: list[tuple[list[MaskSite], dict[str, torch.Tensor]]]) -> tuple[list[MaskSite], dict[str, torch.Tensor]]:
+    """Several binary masks applied together (several concepts erased at once): an entry is kept only if
+    every mask keeps it, i.e. the masks multiply and the removed sets unite. Sites missing from a mask
+    count as all-kept for it."""
+    sites: dict[str, MaskSite] = {}
+    combined: dict[str, torch.Tensor] = {}
+    for mask_sites, binary in binaries:
+        for site in mask_sites:
+            sites.setdefault(site.name, site)
+            value = binary[site.name].to(torch.float32)
+            combined[site.name] = combined[site.name] * value if site.name in combined else value.clone()
+    return list(sites.values()), combined
 
 
 def _masked_channels(tap, removed: torch.Tensor) -> torch.Tensor:

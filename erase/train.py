@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import random
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator, Union
 
 import torch
 from tqdm import tqdm
 
+from erase.adaptive import AdaptiveConfig, AdaptiveTarget
 from erase.masks import MaskHooks, Masks, select_sites, sparsity
 from erase.prompts import PromptError, substitute
 from erase.sampler import sample
 
-TARGETS = ("empty", "substitute")
+TARGETS = ("empty", "substitute", "adaptive")
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -47,8 +49,18 @@ class TrainConfig:
     sites: tuple[str, ...] = ("ffn", "norm")
     parametrisation: str = "hard_concrete"
     init_logit: float = 3.0
-    target: str = "empty"  # "empty" or "substitute"
+    target: str = "empty"  # "empty", "substitute" or "adaptive" (AGE, erase/adaptive.py)
     substitutions: dict[str, str] = field(default_factory=dict)
+    # adaptive target: k nearest candidates from a vocabulary (file, comma list; default the toy world's
+    # concepts), Gumbel-softmax temperature, hard (straight-through) or soft top-k, lr of the logits
+    # (gradient ascent), and the weight λ of the target's preservation term
+    adaptive_k: int = 8
+    adaptive_temperature: float = 1.0
+    adaptive_hard: bool = True
+    adaptive_top_k: int = 3
+    adaptive_lr: float = 1e-2
+    adaptive_lambda: float = 1.0
+    vocabulary: str | None = None
     beta: float = 0.01
     lr_ffn: float = 0.5
     lr_norm: float = 0.5
@@ -74,7 +86,8 @@ class TrainConfig:
             (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"gradient accumulation must be at least 1, got {self.grad_accum}"),
-            (self.noises_per_prompt >= 1, f"noises per prompt must be at least 1, got {self.noises_per_prompt}"),
+            (1 <= self.noises_per_prompt <= MAX_NOISES_PER_PROMPT,
+             f"noises per prompt must be in 1..{MAX_NOISES_PER_PROMPT}, got {self.noises_per_prompt}"),
             (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
             (min(self.lr_ffn, self.lr_norm, self.lr_attn) >= 0, "learning rates must be >= 0"),
             (self.sparsity_weight >= 0, f"sparsity weight must be >= 0, got {self.sparsity_weight}"),
@@ -84,6 +97,9 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"),
             (self.target != "substitute" or bool(self.substitutions),
              "target 'substitute' needs a map: pass --substitute OLD=NEW (e.g. 'nude man=a man')"),
+            (self.adaptive_k >= 1 and self.adaptive_top_k >= 1, "adaptive k and top-k must be at least 1"),
+            (self.adaptive_temperature > 0, f"adaptive temperature must be > 0, got {self.adaptive_temperature}"),
+            (self.adaptive_lr >= 0 and self.adaptive_lambda >= 0, "adaptive lr and lambda must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -103,6 +119,7 @@ class TrainResult:
     status: str  # "finished" or "stopped: ..."
     seconds: float
     steps_done: int
+    learnt_target: list[dict] | None = None  # adaptive target: top candidates with their weights
 
     def metrics(self) -> dict:
         binary = self.masks.binary(threshold=self.config.threshold)
@@ -115,21 +132,41 @@ class TrainResult:
             "sparsity": sparsity(self.masks.sites, binary),
             "history": self.history,
             "config": asdict(self.config),
+            **({"learnt_target": self.learnt_target} if self.learnt_target is not None else {}),
         }
 
 
-def _cycle(examples: list[tuple[str, int]], batch_size: int, seed: int):
+MAX_NOISES_PER_PROMPT = 64
+
+
+def example_seed(prompt: str, k: int, first_seed: int) -> int:
+    """The k-th noise seed of a prompt: set by its text and the run's seed alone, not by its position,
+    so a streamed dataset (Ray Data) and a local list give every prompt the same noises."""
+    return first_seed + zlib.crc32(prompt.encode("utf-8")) * MAX_NOISES_PER_PROMPT + k
+
+
+def prompt_rows(prompts: list[str], first_seed: int, noises_per_prompt: int = 1) -> list[dict]:
+    """Training examples: each prompt with `noises_per_prompt` fixed noise seeds, as rows {prompt, seed}."""
+    return [{"prompt": p, "seed": example_seed(p, k, first_seed)} for p in prompts for k in range(noises_per_prompt)]
+
+
+def first_seeds(cfg: "TrainConfig") -> tuple[int, int]:
+    """Seed offsets of the erase and of the neutral examples, set by cfg.seed."""
+    return cfg.seed * 1_000_003, cfg.seed * 1_000_003 + 500_009
+
+
+def cycle_batches(rows: list[dict], batch_size: int, shuffle_seed: int) -> Iterator[tuple[list[str], list[int]]]:
     """Endless shuffled batches of (prompts, seeds); a short list simply repeats."""
-    rng = random.Random(seed)
-    order: list[tuple[str, int]] = []
+    rng = random.Random(shuffle_seed)
+    order: list[dict] = []
     while True:
         batch = []
         while len(batch) < batch_size:
             if not order:
-                order = list(examples)
+                order = list(rows)
                 rng.shuffle(order)
             batch.append(order.pop())
-        yield [p for p, _ in batch], [s for _, s in batch]
+        yield [r["prompt"] for r in batch], [int(r["seed"]) for r in batch]
 
 
 class TargetCache:
@@ -144,13 +181,10 @@ class TargetCache:
         missing = [(p, s) for p, s in zip(prompts, seeds) if (p, s) not in self.cache]
         missing = list(dict.fromkeys(missing))
         if missing:
-            saved, self.hooks.values = self.hooks.values, {}  # the original model: no masks
-            try:
+            with self.hooks.using({}):  # the original model: no masks
                 cond = self.gen.encode([p for p, _ in missing])
                 noise = self.gen.noise([s for _, s in missing])
                 final = sample(lambda x, sigma: self.gen.velocity(x, sigma, cond), noise, self.sigmas, checkpointing=False)
-            finally:
-                self.hooks.values = saved
             for key, latent in zip(missing, final):
                 self.cache[key] = latent
         return torch.stack([self.cache[(p, s)] for p, s in zip(prompts, seeds)])
@@ -165,75 +199,169 @@ def sparsity_penalty(masks: Masks, cfg: TrainConfig) -> torch.Tensor:
     return cfg.sparsity_weight * torch.relu(removed - cfg.target_sparsity)
 
 
-def train(gen, cfg: TrainConfig, erase_prompts: list[str], neutral_prompts: list[str], *,
-          progress: bool = True, on_log: Callable[[dict, Masks], None] | None = None,
-          init_logits: dict[str, torch.Tensor] | None = None, start_step: int = 0) -> TrainResult:
-    """Run MCE on `gen`; raises TrainingStopped (with the last good masks) on a non-finite loss."""
+# A prompt source: a list of prompts (each gets cfg.noises_per_prompt fixed seeds and is cycled in
+# shuffled batches), or an endless iterator of (prompts, seeds) batches, e.g. a Ray Data shard.
+PromptSource = Union[list, Iterator[tuple[list[str], list[int]]]]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs to resume a run exactly: passed to `on_log` after every logged step."""
+
+    masks: Masks
+    optimizer: torch.optim.Optimizer
+    step: int
+    history: list[dict]
+    adaptive: AdaptiveTarget | None = None
+
+    def resume_point(self) -> dict:
+        point = {"logits": self.masks.snapshot(), "optimizer": self.optimizer.state_dict(),
+                 "step": self.step, "history": list(self.history)}
+        if self.adaptive is not None:
+            point["adaptive"] = self.adaptive.state()
+        return point
+
+
+def _batches(source: PromptSource, if_empty: str, cfg: TrainConfig, first_seed: int, shuffle_seed: int):
+    if not isinstance(source, (list, tuple)):
+        return iter(source)
+    if not source:
+        raise PromptError(if_empty)
+    return cycle_batches(prompt_rows(list(source), first_seed, cfg.noises_per_prompt), cfg.batch_size, shuffle_seed)
+
+
+def _average_across_workers(masks: Masks) -> None:
+    """Data-parallel runs (several Ray Train workers on one trial): average the mask gradients, so every
+    worker takes the same step. A no-op in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for lam in masks.logits.values():
+        if lam.grad is not None:
+            dist.all_reduce(lam.grad)
+            lam.grad /= dist.get_world_size()
+
+
+def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: PromptSource, *,
+          progress: bool = True, on_log: Callable[[dict, TrainState], None] | None = None,
+          resume: dict | None = None) -> TrainResult:
+    """Run MCE on `gen`; raises TrainingStopped (with the last good masks) on a non-finite loss.
+
+    `resume` is a `TrainState.resume_point()` (mask logits, optimizer state, step, history):
+    the run continues from there instead of from the initial logits.
+    """
     # ---- setup
     cfg.validate()
-    if not erase_prompts:
-        raise PromptError(f"no prompts for the concept {cfg.concept!r}: the erase prompt list is empty")
-    if not neutral_prompts:
-        raise PromptError("no neutral prompts: the preservation prompt list is empty")
-    if cfg.target == "substitute":
-        target_prompt = {p: substitute(p, cfg.substitutions) for p in erase_prompts}
-    else:
-        target_prompt = {p: "" for p in erase_prompts}
+    erase_seed, neutral_seed = first_seeds(cfg)
+    erase_batches = _batches(erase_prompts, f"no prompts for the concept {cfg.concept!r}: the erase prompt list is empty",
+                             cfg, erase_seed, cfg.seed)
+    neutral_batches = _batches(neutral_prompts, "no neutral prompts: the preservation prompt list is empty",
+                               cfg, neutral_seed, cfg.seed + 1)
+    target_prompts: dict[str, str] = {}
+
+    def target_prompt(prompt: str) -> str:
+        if prompt not in target_prompts:
+            if cfg.target == "substitute":
+                target_prompts[prompt] = substitute(prompt, cfg.substitutions)
+            elif cfg.target == "adaptive":  # the concept must be there to be replaced by the candidates
+                if cfg.concept not in prompt:
+                    raise PromptError(f"adaptive target: prompt {prompt!r} contains none of {cfg.concept!r}; every "
+                                      "concept prompt must name the concept so that candidates can replace it")
+                target_prompts[prompt] = prompt
+            else:
+                target_prompts[prompt] = ""
+        return target_prompts[prompt]
+
+    if isinstance(erase_prompts, (list, tuple)):
+        for p in erase_prompts:  # a prompt the substitution map misses fails now, not mid-run
+            target_prompt(p)
     sites = select_sites(gen.mask_sites(), cfg.sites)
     sites = [s for s in sites if cfg.lr(s.group) > 0]
     masks = Masks.create(sites, cfg.parametrisation, cfg.init_logit, device=gen.device)
-    if init_logits is not None:
-        masks.restore(init_logits)
     opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_class([{"params": params, "lr": cfg.lr(group)} for group, params in masks.by_group().items()],
                           weight_decay=cfg.weight_decay)
+    adaptive = None
+    if cfg.target == "adaptive":
+        adaptive = AdaptiveTarget(gen, cfg.concept, gen.model_id, AdaptiveConfig(
+            k=cfg.adaptive_k, temperature=cfg.adaptive_temperature, hard=cfg.adaptive_hard, top_k=cfg.adaptive_top_k,
+            lr=cfg.adaptive_lr, lam=cfg.adaptive_lambda, vocabulary=cfg.vocabulary), seed=cfg.seed)
+    history: list[dict] = []
+    start_step = 0
+    if resume is not None:
+        masks.restore(resume["logits"])
+        optimizer.load_state_dict(resume["optimizer"])
+        history, start_step = list(resume["history"]), int(resume["step"])
+        if adaptive is not None and "adaptive" in resume:
+            adaptive.load_state(resume["adaptive"])
     sigmas = gen.sigmas(cfg.sampling_steps or gen.default_steps)
-    erase_examples = [(p, cfg.seed * 100_003 + i * cfg.noises_per_prompt + k)
-                      for i, p in enumerate(erase_prompts) for k in range(cfg.noises_per_prompt)]
-    neutral_examples = [(p, cfg.seed * 100_003 + 50_000 + i * cfg.noises_per_prompt + k)
-                        for i, p in enumerate(neutral_prompts) for k in range(cfg.noises_per_prompt)]
-    erase_batches = _cycle(erase_examples, cfg.batch_size, cfg.seed)
-    neutral_batches = _cycle(neutral_examples, cfg.batch_size, cfg.seed + 1)
-    mask_noise = torch.Generator("cpu").manual_seed(cfg.seed)
+    mask_noise = torch.Generator("cpu").manual_seed(cfg.seed + start_step)
     hooks = MaskHooks(gen.transformer, sites)
     targets = TargetCache(gen, sigmas, hooks)
-    history: list[dict] = []
     started = time.perf_counter()
     status, steps_done = "finished", start_step
 
-    def mse_of_final(prompts, seeds, target):
-        cond = gen.encode(prompts)
-        final = sample(lambda x, sigma: gen.velocity(x, sigma, cond), gen.noise(seeds), sigmas, cfg.checkpointing)
-        return torch.mean((final - target) ** 2)
+    def final_latent(cond, seeds, values):
+        """F(x_T, cond) with the masks `values` ({} = the original model), set inside each step so that
+        checkpointed recomputation during backward uses the same masks."""
+        def velocity(x, sigma):
+            with hooks.using(values):
+                return gen.velocity(x, sigma, cond)
+
+        return sample(velocity, gen.noise(seeds), sigmas, cfg.checkpointing)
+
+    def mse_of_final(prompts, seeds, target, values):
+        return torch.mean((final_latent(gen.encode(prompts), seeds, values) - target) ** 2)
 
     # ---- loop
     with hooks:
-        bar = tqdm(range(start_step, cfg.steps), desc=f"erase {cfg.concept}", disable=not progress, unit="step")
+        bar = tqdm(range(start_step, cfg.steps), desc=f"erase {cfg.concept}", disable=not progress, unit="step",
+                   initial=start_step, total=cfg.steps)
         for step in bar:
             last_good = masks.snapshot()
             optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "erase_loss": 0.0, "preserve_loss": 0.0, "penalty": 0.0}
+            if adaptive is not None:
+                totals["target_preserve_loss"] = 0.0
+                adaptive.optimizer.zero_grad(set_to_none=True)
             for _ in range(cfg.grad_accum):
                 e_prompts, e_seeds = next(erase_batches)
                 n_prompts, n_seeds = next(neutral_batches)
-                e_target = targets.get([target_prompt[p] for p in e_prompts], e_seeds)
+                values = masks.values(training=True, generator=mask_noise)
+                target_term = torch.zeros(())
+                if adaptive is None:
+                    e_target = targets.get([target_prompt(p) for p in e_prompts], e_seeds)
+                else:
+                    # AGE: the target is the original model's output for the candidates' mixture; π ascends
+                    # the target's preservation term, the masks descend it (weighted by λ)
+                    t_cond = adaptive.conditioning([target_prompt(p) for p in e_prompts], adaptive.weights())
+                    t_original = final_latent(t_cond, e_seeds, {})
+                    target_term = torch.mean((final_latent(t_cond, e_seeds, values) - t_original) ** 2)
+                    (pi_grad,) = torch.autograd.grad(target_term / cfg.grad_accum, adaptive.logits, retain_graph=True)
+                    adaptive.logits.grad = pi_grad if adaptive.logits.grad is None else adaptive.logits.grad + pi_grad
+                    e_target = t_original.detach()
                 n_target = targets.get(n_prompts, n_seeds)
-                hooks.values = masks.values(training=True, generator=mask_noise)
-                erase_loss = mse_of_final(e_prompts, e_seeds, e_target)
-                preserve_loss = mse_of_final(n_prompts, n_seeds, n_target)
+                erase_loss = mse_of_final(e_prompts, e_seeds, e_target, values)
+                preserve_loss = mse_of_final(n_prompts, n_seeds, n_target, values)
                 penalty = sparsity_penalty(masks, cfg)
-                loss = erase_loss + cfg.beta * preserve_loss + penalty
+                loss = erase_loss + cfg.beta * preserve_loss + penalty + cfg.adaptive_lambda * target_term
                 if not torch.isfinite(loss):
                     masks.restore(last_good)
                     status = f"stopped: non-finite loss at step {step}"
                     break
-                (loss / cfg.grad_accum).backward()
-                for key, value in (("loss", loss), ("erase_loss", erase_loss),
-                                   ("preserve_loss", preserve_loss), ("penalty", penalty)):
+                (loss / cfg.grad_accum).backward(inputs=list(masks.logits.values()))
+                parts = [("loss", loss), ("erase_loss", erase_loss), ("preserve_loss", preserve_loss), ("penalty", penalty)]
+                if adaptive is not None:
+                    parts.append(("target_preserve_loss", target_term))
+                for key, value in parts:
                     totals[key] += float(value.detach()) / cfg.grad_accum
             if status != "finished":
                 break
+            _average_across_workers(masks)
             optimizer.step()
+            if adaptive is not None:
+                adaptive.optimizer.step()
             if not masks.is_finite():
                 masks.restore(last_good)
                 status = f"stopped: non-finite mask logits after step {step}"
@@ -245,11 +373,12 @@ def train(gen, cfg: TrainConfig, erase_prompts: list[str], neutral_prompts: list
                 history.append(row)
                 bar.set_postfix(loss=f"{totals['loss']:.4g}", sparsity=f"{removed:.4f}")
                 if on_log is not None:
-                    on_log(row, masks)
+                    on_log(row, TrainState(masks, optimizer, step + 1, history, adaptive))
         bar.close()
 
     # ---- result
-    result = TrainResult(masks, cfg, history, status, time.perf_counter() - started, steps_done)
+    result = TrainResult(masks, cfg, history, status, time.perf_counter() - started, steps_done,
+                         adaptive.report() if adaptive is not None else None)
     if status != "finished":
         raise TrainingStopped(status, result)
     return result
