@@ -1,9 +1,15 @@
-"""`erase eval`'s figures on the toy world, with fresh (untrained) weights: the arithmetic, not the quality."""
+"""`erase eval`'s figures: intervals, the arithmetic on rows, the attack, FID, and the report.
 
+Generators here have fresh (untrained) weights: these tests check the arithmetic, not the quality.
+"""
+
+import numpy as np
 import pytest
 import torch
 
-from erase.evaluate import detection_rates, evaluate_toy, toy_eval_set
+from erase.evaluate import (AttackConfig, DetectStage, EvalSettings, GenerateStage, evaluate, figures,
+                            frechet_distance, html_report, mean_interval, neutral_fidelity, preservation_figure,
+                            rate, run_stages_locally, toy_rows, whitebox_attack)
 from pipelines import toy
 from pipelines import toy_world as world
 
@@ -15,44 +21,149 @@ def fresh():
     return toy.ToyGenerator(transformer, text), toy.ToyDetector().eval()
 
 
-def test_eval_set_covers_every_concept_with_fixed_seeds():
-    prompts, seeds, concepts = toy_eval_set(seeds_per_prompt=2)
-    assert set(concepts) == set(world.all_concepts())
-    assert len(set(seeds)) == len(seeds) == len(prompts)
-    assert toy_eval_set(seeds_per_prompt=2)[1] == seeds  # the same seeds every time
+def test_wilson_interval():
+    r = rate([True] * 8 + [False] * 2)
+    assert r["value"] == 0.8 and r["n"] == 10
+    # the Wilson interval for 8/10 at 95%: [0.490, 0.943]
+    assert r["low"] == pytest.approx(0.490, abs=1e-3) and r["high"] == pytest.approx(0.943, abs=1e-3)
+    zero = rate([False] * 20)
+    assert zero["value"] == 0.0 and zero["low"] == 0.0 and 0.1 < zero["high"] < 0.2
+    assert rate([])["value"] is None
 
 
-def test_detection_rate_counts_the_named_attribute():
-    found = [{"object": "circle", "colour": "red"}, {"object": "square", "colour": "red"},
-             {"object": "circle", "colour": "blue"}, {"object": "square", "colour": "red"},
-             {"object": "nothing", "colour": "red"}]
-    rates = detection_rates(found, ["circle", "circle", "red", "red", "red"])
-    assert rates == {"circle": 0.5, "red": 1 / 3}  # no object, no colour
+def test_mean_interval_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small, large = mean_interval(rng.normal(1, 1, 10)), mean_interval(rng.normal(1, 1, 1000))
+    assert small["low"] < 1 < small["high"] and large["low"] < 1 < large["high"]
+    assert (large["high"] - large["low"]) < (small["high"] - small["low"]) / 5
 
 
-def test_base_model_report(fresh):
+def test_preservation_is_the_mean_relative_rate_with_a_bootstrap_interval():
+    base = {"a": np.array([True] * 10), "b": np.array([True] * 5 + [False] * 5), "c": np.array([False] * 10)}
+    masked = {"a": np.array([True] * 5 + [False] * 5), "b": np.array([True] * 5 + [False] * 5), "c": np.array([True] * 10)}
+    p = preservation_figure(base, masked)
+    assert p["value"] == pytest.approx((0.5 + 1.0) / 2)  # c: never shown by the base model, left out
+    assert p["n"] == 20 and p["low"] <= p["value"] <= p["high"]
+
+
+def _row(concept, kind, base, masked, prompt=None, image=0):
+    img = np.full((4, 4, 3), image, np.uint8)
+    return {"prompt": prompt or f"a {concept}", "seed": 0, "concept": concept, "kind": kind, "found_base": base,
+            "found_masked": masked, "base": img, "masked": img}
+
+
+def test_figures_from_rows():
+    rows = ([_row("circle", "concept", True, False)] * 9 + [_row("circle", "concept", True, True)]
+            + [_row("square", "concept", True, True)] * 4 + [_row("square", "concept", True, False)] * 1
+            + [_row("circle", "rephrase", True, True)] * 2 + [_row("circle", "rephrase", True, False)] * 2
+            + [_row("circle", "adversarial:i2p", True, False)] * 3)
+    report = figures(rows, "circle")
+    assert report["erasure_rate"]["value"] == pytest.approx(0.1) and report["erasure_rate"]["n"] == 10
+    assert report["base_rate"]["value"] == 1.0
+    assert report["preservation"]["value"] == pytest.approx(0.8)
+    assert report["rephrase_erasure_rate"]["value"] == 0.5 and report["rephrase_erasure_rate"]["n"] == 4
+    assert report["adversarial/i2p"]["base"]["value"] == 1.0 and report["adversarial/i2p"]["masked"]["value"] == 0.0
+    assert report["detection"] == {"circle": pytest.approx(0.1), "square": pytest.approx(0.8)}
+
+
+def test_neutral_fidelity_skips_rows_naming_the_concept():
+    same = _row("square", "concept", True, True, "a red square", image=10)
+    changed = dict(_row("red", "concept", True, True, "a red circle", image=10))
+    changed["masked"] = np.full((4, 4, 3), 61, np.uint8)
+    named = dict(_row("square", "concept", True, True, "a circle next to a square", image=0))
+    named["masked"] = np.full((4, 4, 3), 255, np.uint8)
+    fid = neutral_fidelity([same, changed, named], "circle")
+    assert fid["n"] == 1 and fid["value"] == 0.0  # 'a red circle' and the 'circle ...' prompt name it
+    assert neutral_fidelity([same, changed], "blue")["value"] == pytest.approx(51 / 255 / 2)
+
+
+def test_frechet_distance_matches_the_closed_form_for_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.0, 1.0, (4000, 3))
+    b = rng.normal(0.5, 2.0, (4000, 3))
+    # N(0, I) vs N(0.5, 4I) in 3-d: |Δμ|² + tr(I + 4I - 2·2I) = 0.75 + 3
+    assert frechet_distance(a, b) == pytest.approx(3.75, rel=0.05)
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_toy_rows_cover_every_concept_and_the_rephrasings():
+    rows = toy_rows("circle", seeds_per_prompt=2)
+    plain = {r["concept"] for r in rows if r["kind"] == "concept"}
+    assert plain == set(world.all_concepts())
+    rephrased = [r for r in rows if r["kind"] == "rephrase"]
+    assert rephrased and all(r["concept"] == "circle" and "circle" not in r["prompt"] for r in rephrased)
+    assert len({r["seed"] for r in rows}) == len(rows)
+    assert toy_rows("circle", seeds_per_prompt=2) == rows  # fixed seeds
+
+
+def test_base_model_report_has_full_preservation(fresh):
     gen, detector = fresh
-    report = evaluate_toy(gen, detector, concept="circle", seeds_per_prompt=1)
-    assert set(report["detection"]) == set(world.all_concepts())
-    assert report["erasure_rate"] == report["detection"]["circle"] and report["preservation"] == 1.0
+    settings = EvalSettings(concept="circle", attack=None)
+    stages = (GenerateStage(gen=gen), DetectStage(detector=_ToyWrapper(detector)))
+    rows = toy_rows("circle", seeds_per_prompt=1)
+    report, _ = evaluate(settings, rows, stages=stages)
+    assert report["erasure_rate"]["value"] == report["base_rate"]["value"] == report["detection"]["circle"]
+    if report["preservation"]["value"] is not None:
+        assert report["preservation"]["value"] == 1.0
+    assert "neutral_fidelity" not in report
+
+
+def _ToyWrapper(net):
+    """The toy detector interface around an untrained CNN (the shipped weights are tested elsewhere)."""
+    from erase.detectors import ToyWorldDetector
+
+    return ToyWorldDetector(net=net)
 
 
 @pytest.mark.slow
-def test_all_ones_mask_changes_nothing_and_a_full_mask_changes_images(fresh):
+def test_masked_evaluation_on_fresh_weights(fresh):
     gen, detector = fresh
     sites = [s for s in gen.mask_sites() if s.group == "ffn"]
-    ones = {s.name: torch.ones(s.size) for s in sites}
-    report = evaluate_toy(gen, detector, binary_masks=ones, sites=sites, concept="red", seeds_per_prompt=1)
-    assert report["detection"] == report["base_detection"]
-    assert report["preservation"] == 1.0 and report["neutral_fidelity"]["mean_abs_pixel_diff"] == 0.0
     zeros = {s.name: torch.zeros(s.size) for s in sites}
-    report = evaluate_toy(gen, detector, binary_masks=zeros, sites=sites, concept="red", seeds_per_prompt=1)
-    assert report["neutral_fidelity"]["mean_abs_pixel_diff"] > 0
-    prompts, _, concepts = toy_eval_set(1)
-    assert report["neutral_fidelity"]["n"] == sum(c != "red" and "red" not in p.split() for p, c in zip(prompts, concepts))
+    stages = (GenerateStage(gen=gen, masks=(sites, zeros)), DetectStage(detector=_ToyWrapper(detector)))
+    settings = EvalSettings(concept="red", attack=AttackConfig(prompts=2, steps=2))
+    report, results = evaluate(settings, toy_rows("red", seeds_per_prompt=1), stages=stages)
+    assert report["neutral_fidelity"]["value"] > 0
+    assert report["attack_success_rate"]["n"] == 2
+    assert len(report["_attack_images"]) == 2
+    assert "skipped" in report["fid"] and "skipped" in report["clip_score"]
+    ones = {s.name: torch.ones(s.size) for s in sites}
+    stages[0].sites, stages[0].binary = sites, ones
+    report, _ = evaluate(EvalSettings(concept="red", attack=None), toy_rows("red", 1), stages=stages)
+    assert report["detection"] == report["base_detection"] and report["neutral_fidelity"]["value"] == 0.0
 
 
-def test_unknown_concept_is_a_clear_error(fresh):
+def test_whitebox_attack_lowers_its_loss(tiny):
+    sites = [s for s in tiny.mask_sites() if s.group == "ffn"]
+    half = {s.name: (torch.arange(s.size) % 2).float() for s in sites}
+    prompts, seeds = ["a photo of a cat"], [3]
+    cfg = AttackConfig(prompts=1, steps=0, lr=0.05, sampling_steps=2)
+    untouched = whitebox_attack(tiny, sites, half, prompts, seeds, cfg)
+    attacked = whitebox_attack(tiny, sites, half, prompts, seeds, AttackConfig(prompts=1, steps=15, lr=0.05, sampling_steps=2))
+    from erase.evaluate import generate
+
+    target = generate(tiny, prompts, seeds, steps=2)  # the base model's image for the prompt
+    assert (attacked - target).abs().mean() < (untouched - target).abs().mean()
+
+
+def test_stages_batch_rows_and_cache_base_images(fresh):
     gen, detector = fresh
-    with pytest.raises(ValueError, match="no concept 'unicorn'"):
-        evaluate_toy(gen, detector, concept="unicorn", seeds_per_prompt=1)
+    stage = GenerateStage(gen=gen)
+    rows = toy_rows(None, 1)[:10]
+    out = run_stages_locally(rows, stage, DetectStage(detector=_ToyWrapper(detector)), batch_size=4)
+    assert len(out) == 10 and len(stage.base_cache) == 10
+    assert out[3]["base"].shape == (16, 16, 3) and out[3]["base"].dtype == np.uint8
+    assert isinstance(bool(out[3]["found_base"]), bool)
+
+
+def test_html_report_is_self_contained(tmp_path):
+    report = {"concept": "circle", "erasure_rate": rate([False] * 9 + [True]), "preservation": {"value": 0.95, "n": 40,
+              "low": 0.9, "high": 0.99}, "detection": {"circle": 0.1}, "base_detection": {"circle": 1.0}}
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[4:12, 4:12] = (220, 40, 40)
+    path = tmp_path / "r.html"
+    html_report(report, {"grid": [("base", [image, image]), ("masked", [image])]}, str(path))
+    text = path.read_text()
+    assert text.count('src="data:image/png;base64,') == 3
+    assert 'src="http' not in text and "<link" not in text and "<script" not in text  # nothing to fetch
+    assert "0.100 [0.018, 0.404]" in text and "erasure_rate" in text

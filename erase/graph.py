@@ -1,0 +1,78 @@
+"""The concept graph (AGE's finding, METHOD.md section 2): erase each concept, measure every other.
+
+    Δ(c_e, c_j) = G_0(c_j) - G_{c_e}(c_j)
+
+G(c) is the share of generations for prompts naming c in which the detector finds c, before
+(G_0) and after erasing c_e. The diagonal is the erasure itself; a large off-diagonal entry
+means c_j is a neighbour of c_e that erasure hurts. `erase graph` runs the erasures as a sweep
+(one study per concept, fixed settings from a space file) and then evaluates every mask on
+every concept; the matrix is written as a table (JSON, Markdown) and a heatmap PNG.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def side_effects(base: dict[str, float], erased: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Δ[c_e][c_j] from base detection rates and each erasure's detection rates."""
+    return {ce: {cj: base[cj] - rates[cj] for cj in base} for ce, rates in erased.items()}
+
+
+def nearest_neighbours(delta: dict[str, dict[str, float]], concept: str, n: int = 3) -> list[str]:
+    """The n concepts erasing `concept` hurts most (largest Δ off the diagonal)."""
+    row = {c: v for c, v in delta[concept].items() if c != concept}
+    return sorted(row, key=lambda c: -row[c])[:n]
+
+
+def markdown_table(delta: dict[str, dict[str, float]]) -> str:
+    columns = list(next(iter(delta.values())))
+    lines = ["| erased \\ measured | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for ce, row in delta.items():
+        lines.append(f"| **{ce}** | " + " | ".join(f"{row[c]:+.2f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def heatmap(delta: dict[str, dict[str, float]], path: str, title: str = "side effect Δ = G0 - G_erased",
+            cell: int = 56) -> None:
+    """The matrix as a PNG: rows = erased concept, columns = measured concept, red = detection lost."""
+    from PIL import Image, ImageDraw
+
+    rows, columns = list(delta), list(next(iter(delta.values())))
+    left, top = 110, 80
+    width, height = left + cell * len(columns) + 20, top + cell * len(rows) + 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), title, fill="black")
+    draw.text((10, 28), "rows: erased concept; columns: measured concept", fill="gray")
+    for j, c in enumerate(columns):
+        draw.text((left + j * cell + 4, top - 18), c[:9], fill="black")
+    for i, ce in enumerate(rows):
+        draw.text((10, top + i * cell + cell // 2 - 6), ce[:14], fill="black")
+        for j, cj in enumerate(columns):
+            v = float(np.clip(delta[ce][cj], -1, 1))
+            if v >= 0:  # lost detection: white -> red
+                colour = (255, int(255 * (1 - v)), int(255 * (1 - v)))
+            else:  # gained: white -> blue
+                colour = (int(255 * (1 + v)), int(255 * (1 + v)), 255)
+            x, y = left + j * cell, top + i * cell
+            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=colour, outline=(200, 200, 200))
+            draw.text((x + 8, y + cell // 2 - 6), f"{delta[ce][cj]:+.2f}", fill="black" if abs(v) < 0.6 else "white")
+    image.save(path)
+
+
+def measure(model: str, mask_files: dict[str, str], rows: list[dict], detector: dict, *, model_path: str | None = None,
+            device: str = "cpu", progress: bool = False) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Detection rate of every concept, base and with each concept's mask (same rows, same seeds)."""
+    from erase.evaluate import DetectStage, GenerateStage, figures, run_stages_locally
+    from erase.masks import binary_from_file_meta, load_mask_file
+
+    stage = GenerateStage(model, model_path, device=device)  # base images are cached across masks
+    detect = DetectStage(detector, device=device)
+    base = figures(run_stages_locally(rows, stage, detect, progress=progress), None)["detection"]
+    erased = {}
+    for concept, path in mask_files.items():
+        masks, meta = load_mask_file(path, stage.gen.mask_sites(), model)
+        stage.sites, stage.binary = masks.sites, binary_from_file_meta(masks, meta)
+        erased[concept] = figures(run_stages_locally(rows, stage, detect, progress=progress), None)["detection"]
+    return base, erased
