@@ -1,0 +1,128 @@
+"""`erase sweep`: planning errors (fast), and real sweeps on a local Ray with the toy world (slow)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from erase.sweep import SweepError, plan, run_sweep, score
+from erase.prompts import PromptError
+
+TINY_SPACE = """
+description: a few steps per trial, for tests
+fixed:
+  steps: 4
+  batch_size: 2
+  sites: ffn,norm
+search:
+  beta: {distribution: loguniform, low: 1.0e-3, high: 0.1}
+"""
+
+
+def test_score_is_erasure_times_preservation():
+    assert score(0.0, 1.0, 0.9) == pytest.approx(0.9)
+    assert score(0.5, 1.0, 1.0) == pytest.approx(0.5)
+    assert score(1.0, 0.8, 1.0) == 0.0  # more detections than the base model: nothing erased
+    assert score(0.0, 0.0, 1.0) == 0.0  # the base model never showed it: nothing to erase
+
+
+def test_plan_checks_the_request(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(TINY_SPACE)
+    specs = plan("toy", ["circle", "red"], str(space), 3, str(tmp_path / "s"))
+    assert [s.concept for s in specs] == ["circle", "red"] and len({s.sweep_id for s in specs}) == 1
+    assert specs[0].study_dir.endswith(os.path.join(specs[0].sweep_id, "circle"))
+    with pytest.raises(PromptError, match="no concept 'unicorn'"):
+        plan("toy", ["unicorn"], str(space), 3, str(tmp_path / "s"))
+    with pytest.raises(SweepError, match="--trials"):
+        plan("toy", ["circle"], str(space), 0, str(tmp_path / "s"))
+    seeded = tmp_path / "seeded.yaml"
+    seeded.write_text(TINY_SPACE + "  seed: {distribution: int, low: 0, high: 3}\n")
+    with pytest.raises(SweepError, match="'seed' .* cannot be searched"):
+        plan("toy", ["circle"], str(seeded), 3, str(tmp_path / "s"))
+    with pytest.raises(SweepError, match="no sweep 'nope'"):
+        plan("toy", [], str(space), 3, str(tmp_path / "s"), resume="nope")
+
+
+def _runs(db, concept):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name(f"erase/toy/{concept}")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+@pytest.mark.slow
+def test_a_sweep_tracks_every_trial_and_a_failed_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text(TINY_SPACE)
+    db = tmp_path / "mlflow.db"
+    specs = plan("toy", ["circle"], str(space), 2, str(tmp_path / "sweeps"), tracking_uri=f"sqlite:///{db}",
+                 report_every=2, grace_steps=4, fail_once_at_step=2, detector={"name": "toy"})
+    seen = []
+    (summary,) = run_sweep(specs, on_progress=seen.append, poll=0.5)
+    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"], summary
+    assert os.path.isfile(summary["best"]["mask_file"]) and summary["best"]["mlflow_run_id"]
+    assert any(p[0]["running"] >= 1 for p in seen) and seen[-1][0]["done"] == 2
+    markers = os.listdir(os.path.join(specs[0].study_dir, "markers"))
+    assert len(markers) == 2  # each trial's worker died once at step 2 ...
+    client, runs = _runs(db, "circle")
+    assert len(runs) == 2  # ... and continued in the same MLflow run, from its checkpoint:
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["erase.sweep"] == specs[0].sweep_id
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert sorted(steps) == [2, 4], steps  # step 2 once: not redone from scratch
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "mask")]
+        assert "mask/mask.safetensors" in artifacts
+        assert {"erasure_rate", "preservation", "score", "sparsity"} <= set(run.data.metrics)
+    import optuna
+
+    study = optuna.load_study(study_name=summary["optuna_study"], storage=summary["optuna_storage"])
+    assert len(study.trials) == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_resume_finishes_without_redoing_trials(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(TINY_SPACE.replace("steps: 4", "steps: 40"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "erase.cli", "sweep", "--concepts", "circle", "--trials", "3", "--space", str(space),
+            "--storage", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--report-every", "10", "--grace-steps", "40"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    progress = None
+    deadline = time.time() + 600
+    while time.time() < deadline:  # wait until the first trial has finished
+        found = list((tmp_path / "sweeps").glob("*/circle/progress.json"))
+        if found:
+            try:
+                progress = json.loads(found[0].read_text())
+            except ValueError:
+                progress = None
+            if progress and progress["done"] >= 1:
+                break
+        time.sleep(1)
+    assert progress and progress["done"] >= 1, "no trial finished in time"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at a terminal: the whole process group
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    sweep_id = found[0].parent.parent.name
+    assert f"erase sweep --resume {sweep_id}" in err
+    client, before = _runs(tmp_path / "mlflow.db", "circle")
+    finished_before = {r.info.run_id for r in before if r.info.status == "FINISHED"}
+    assert finished_before
+    resumed = subprocess.run([sys.executable, "-m", "erase.cli", "sweep", "--resume", sweep_id, "--storage",
+                              str(tmp_path / "sweeps"), "--json"], cwd=tmp_path, capture_output=True, text=True,
+                             env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (summary,) = json.loads(resumed.stdout)
+    assert len(summary["trials"]) == 3 and all(t["status"] in ("finished", "stopped") for t in summary["trials"])
+    client, after = _runs(tmp_path / "mlflow.db", "circle")
+    assert finished_before <= {r.info.run_id for r in after if r.info.status == "FINISHED"}
+    assert len(after) == 3  # the interrupted trial went on in its own run; nothing ran twice
