@@ -1,0 +1,200 @@
+"""MLflow tracking: every trial (and `erase train` with a tracking URI) is an MLflow run.
+
+Layout (docs/design.md has the why):
+- one experiment per base model and concept, `erase/<model>/<concept>`, so that a concept's
+  whole history (every sweep) is one list, and promotion compares runs of one concept;
+- each run: the trial's hyperparameters as params, loss / sparsity / erasure / preservation as
+  metrics over steps, final figures, tags (concept, model id, architecture fingerprint, sweep
+  id, trial id, project version, prompt-set hashes, mask sha256), and artifacts:
+      mask/mask.safetensors   the mask file (λ per site + metadata)
+      mask/mask.json          its metrics
+      grid.png                base vs masked generations (where the model has a world to draw)
+
+Embedded default: a local SQLite file plus a local artifact folder, nothing to start:
+`sqlite:///<cwd>/mlflow.db` and `<cwd>/mlartifacts/`. On a cluster: `--tracking-uri
+http://mlflow:5000` (an `mlflow server`, see the README). Only Train rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+MASK_DIR = "mask"
+MASK_FILE = "mask.safetensors"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or store cannot be used; the message says what to check."""
+
+
+def quiet_mlflow() -> None:
+    """No telemetry, no run links on stdout, and fail in seconds (not minutes) when a server is down."""
+    for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"),
+                       ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                       ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(key, value)
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(DEFAULT_DB)}"
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Where a local SQLite store keeps artifacts (next to the database); None: the server decides."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        return os.path.join(os.path.dirname(os.path.abspath(db)), DEFAULT_ARTIFACTS)
+    return None
+
+
+def connect(uri: str | None = None) -> str:
+    """Point MLflow at `uri` (default: the local SQLite store) and check that it answers; returns the URI.
+
+    The URI is set process-wide: MLflow's `models:/` downloads use the global registry URI.
+    """
+    quiet_mlflow()
+    import mlflow
+
+    uri = uri or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    elif uri.startswith("sqlite:///"):
+        folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
+        if not os.path.isdir(folder):
+            raise TrackingError(f"tracking database folder {folder!r} does not exist; create it or pick another "
+                                "--tracking-uri")
+    elif uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(f"tracking URI {uri!r}: MLflow 3 no longer keeps runs in a plain folder; use "
+                            "sqlite:///PATH/mlflow.db (local) or http://HOST:PORT (an mlflow server)")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # Ray workers and subprocesses inherit it
+    return uri
+
+
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            raise TrackingError(f"MLflow server {uri} answered /health with HTTP {response.status}")
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(f"MLflow server {uri} does not answer ({err}); check that `mlflow server` runs there "
+                            "and the address is right, or drop --tracking-uri to use the local store") from None
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "concept"
+
+
+def experiment_name(model: str, concept: str) -> str:
+    return f"erase/{model}/{slug(concept)}"
+
+
+def ensure_experiment(model: str, concept: str) -> str:
+    """The concept's experiment id, created if needed (once, by the driver: SQLite schema creation is not
+    safe from many processes at once)."""
+    import mlflow
+
+    name = experiment_name(model, concept)
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    root = artifact_root_for(mlflow.get_tracking_uri())
+    location = None
+    if root is not None:
+        location = "file://" + os.path.join(root, slug(model), slug(concept))
+    try:
+        return mlflow.create_experiment(name, artifact_location=location,
+                                        tags={"erase.model": model, "erase.concept": concept})
+    except Exception:  # created meanwhile by another driver
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prompts_hash(prompts) -> str:
+    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
+
+
+class RunLogger:
+    """One MLflow run, written from one process: params once, metrics as they come, the mask at the end."""
+
+    def __init__(self, tracking_uri: str, model: str, concept: str, *, run_name: str, params: dict, tags: dict,
+                 run_id: str | None = None):
+        quiet_mlflow()
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if run_id is not None:  # a retried worker continues its run
+            self.run_id = run_id
+            return
+        experiment_id = self.client.get_experiment_by_name(experiment_name(model, concept))
+        if experiment_id is None:
+            raise TrackingError(f"experiment {experiment_name(model, concept)!r} is missing: the driver creates it "
+                                "before trials start (erase.tracking.ensure_experiment)")
+        from erase import __version__
+
+        all_tags = {"erase.concept": concept, "erase.model": model, "erase.version": __version__, **tags}
+        run = self.client.create_run(experiment_id.experiment_id, run_name=run_name,
+                                     tags={k: str(v) for k, v in all_tags.items()})
+        self.run_id = run.info.run_id
+        self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in sorted(params.items())])
+
+    def metrics(self, values: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()
+                                                    if isinstance(v, (int, float)) and v is not None])
+
+    def finish(self, mask_path: str, metrics: dict, grid_png: str | None = None, status: str = "FINISHED",
+               extra_artifacts: dict[str, str] | None = None) -> str:
+        """Log the mask (with its sha256 as a tag), its metrics and pictures; end the run. Returns the sha256."""
+        import tempfile
+
+        digest = sha256_file(mask_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, MASK_DIR)
+            os.makedirs(folder)
+            with open(mask_path, "rb") as src, open(os.path.join(folder, MASK_FILE), "wb") as dst:
+                dst.write(src.read())
+            with open(os.path.join(folder, "mask.json"), "w") as f:
+                json.dump(metrics, f, indent=2, default=str)
+            self.client.log_artifacts(self.run_id, folder, MASK_DIR)
+        if grid_png:
+            self.client.log_artifact(self.run_id, grid_png)
+        for path in (extra_artifacts or {}).values():
+            self.client.log_artifact(self.run_id, path)
+        self.client.set_tag(self.run_id, "erase.mask_sha256", digest)
+        self.client.set_terminated(self.run_id, status)
+        return digest
+
+    def fail(self, reason: str) -> None:
+        self.client.set_tag(self.run_id, "erase.failure", reason[:4000])
+        self.client.set_terminated(self.run_id, "FAILED")
+
+
+def _param(key: str, value):
+    from mlflow.entities import Param
+
+    text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+    return Param(key, text[:6000])
