@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from pipelines import MODELS, SITE_GROUPS
 
@@ -37,6 +38,71 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    p = sub.add_parser("sweep", help="search erasure hyperparameters on Ray Tune + Optuna, one study per concept",
+                       description="Ray Tune + Optuna over a search space (tune_spaces/), one Optuna study per concept, "
+                       "ASHA early stopping on score = " + "max(0, 1 - erasure_rate / base_rate) * preservation. "
+                       "Each trial is a Ray Train run (one worker per GPU, the CPU otherwise), every trial an MLflow "
+                       "run. With no flags: a small sweep of the toy world's 'circle' on a local Ray. Ctrl-C stops "
+                       "cleanly; --resume ID continues without losing finished trials.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p, default="toy")
+    p.add_argument("--concepts", help="comma-separated concepts, one study each (toy default: circle)")
+    p.add_argument("--space", default="toy_fast", help="search space: a shipped name (default, toy_fast, flux_nudity) "
+                   "or a YAML file")
+    p.add_argument("--trials", type=int, default=4, help="trials per concept")
+    p.add_argument("--address", help="Ray cluster to use, e.g. auto (default: start a local Ray)")
+    p.add_argument("--storage", default="erase-sweeps", help="folder for Tune/Train state, checkpoints and study logs")
+    p.add_argument("--resume", metavar="SWEEP_ID", help="continue an interrupted sweep (its saved settings are used)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db with ./mlartifacts)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (>1: data-parallel)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--report-every", type=int, default=25, help="optimisation steps between reports, evaluations "
+                   "and checkpoints (ASHA decides on these)")
+    p.add_argument("--grace-steps", type=int, default=50, help="ASHA: steps every trial runs before it can be stopped")
+    p.add_argument("--prompts", metavar="FILE", help="concept prompts (.parquet, .csv, .jsonl, .txt; local or s3://)")
+    p.add_argument("--neutral-prompts", metavar="FILE", help="neutral prompts, same formats")
+    p.add_argument("--eval-prompts", metavar="FILE", help="evaluation prompts naming the concept (default: --prompts)")
+    p.add_argument("--prompt-column", default="prompt", help="column holding the prompts in table files")
+    p.add_argument("--detector", choices=["toy", "nudenet", "clip"], help="detector for the trials' figures "
+                   "(default: toy for the toy world)")
+    p.add_argument("--detector-config", metavar="YAML", help="detector options (see erase eval --help)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print the summaries as JSON")
+
+    p = sub.add_parser("promote", help="register the best run's mask in the MLflow registry and move an alias",
+                       description="Register the best finished run of a concept (of one sweep with --sweep) as a new "
+                       "version of the registered model erase-<model>-<concept>, with its figures and lineage, and "
+                       "move --alias to it. Gates: erasure_rate at most max_erasure_rate, preservation at least "
+                       "min_preservation (defaults 0.05 and 0.9, or --gates FILE); below them promotion is refused "
+                       "unless --force.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--concept", required=True)
+    p.add_argument("--model", default="toy", help=f"base model: {', '.join(MODELS)}")
+    p.add_argument("--sweep", help="only runs of this sweep id")
+    p.add_argument("--metric", default="score", help="metric that picks the best run (higher is better)")
+    p.add_argument("--alias", default="production")
+    p.add_argument("--gates", metavar="YAML", help="gates file: {max_erasure_rate: 0.05, min_preservation: 0.9}")
+    p.add_argument("--max-erasure-rate", type=float, help="override the gate")
+    p.add_argument("--min-preservation", type=float, help="override the gate")
+    p.add_argument("--force", action="store_true", help="promote even if the gates fail (recorded on the version)")
+    p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("graph", help="concept graph: erase each concept, measure every other, draw the heatmap",
+                       description="AGE's concept graph as a sweep: one erasure per concept (a study each, fixed "
+                       "settings from --space), then every mask evaluated on every concept. Writes the side-effect "
+                       "matrix Δ(erased, measured) = base detection - detection after erasure as JSON, a Markdown "
+                       "table and a heatmap PNG.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p, default="toy")
+    p.add_argument("--concepts", help="comma-separated concepts (toy default: its six objects)")
+    p.add_argument("--space", default="concept_graph", help="settings of every erasure (a space file)")
+    p.add_argument("--address", help="Ray cluster to use (default: start a local Ray)")
+    p.add_argument("--storage", default="erase-sweeps", help="folder for the sweep's state")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--seeds-per-prompt", type=int, default=2, help="evaluation seeds per prompt")
+    p.add_argument("--out-dir", default="concept-graph", help="folder for graph.json, graph.md and graph.png")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("sites", help="list a model's mask sites and sizes (no weights needed)",
                        description="List the mask sites of a model, built on the meta device: no weights are "
                        "loaded or downloaded. Groups: ffn (FFN hidden units), norm (text-stream modulation), "
@@ -53,21 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--concept", required=True, help="the concept to erase, e.g. 'Van Gogh' or 'nudity'; "
                    "for the toy world one of its objects, colours, styles or backgrounds (e.g. circle, red, striped)")
-    p.add_argument("--prompts", metavar="FILE", help="prompts naming the concept, one per line "
-                   "(default: the toy world's prompts for it, or templates around --concept)")
+    p.add_argument("--prompts", metavar="FILE", help="prompts naming the concept: .txt (one per line), .csv, .parquet "
+                   "or .jsonl, local or s3:// / gs:// (default: the toy world's prompts for it, or templates "
+                   "around --concept)")
     p.add_argument("--neutral-prompts", metavar="FILE", help="neutral prompts for the preservation term, one per "
-                   "line (default: the toy world's prompts for the other concepts of its group, or a small "
-                   "built-in caption set)")
+                   "line or a table column (default: the toy world's prompts for the other concepts of its group, "
+                   "or a small built-in caption set)")
+    p.add_argument("--prompt-column", default="prompt", help="column holding the prompts in .csv/.parquet/.jsonl files")
     p.add_argument("--out", metavar="MASK", help="mask file to write (default: MODEL-CONCEPT.safetensors here)")
     p.add_argument("--metrics", metavar="FILE", help="metrics JSON to write (default: MASK with .json)")
     p.add_argument("--sites", default="ffn,norm", help=f"site groups to mask, comma-separated from {','.join(SITE_GROUPS)}")
     p.add_argument("--parametrisation", default="hard_concrete", choices=["hard_concrete", "sigmoid", "binary"])
     p.add_argument("--init-logit", type=float, default=3.0, help="initial λ (3: mask ≈ 1)")
-    p.add_argument("--target", default="empty", choices=["empty", "substitute"],
-                   help="what the concept maps onto: the empty prompt's output, or a substituted prompt's")
     p.add_argument("--substitute", action="append", metavar="OLD=NEW", help="for --target substitute: replace "
                    "OLD in each concept prompt by NEW (repeatable), e.g. 'Van Gogh=a painter'")
-    p.add_argument("--beta", type=float, default=0.01, help="weight of the preservation term (smaller: stronger erasure)")
+    p.add_argument("--beta", type=float, help="weight of the preservation term (smaller: stronger erasure); default: "
+                   "the model's recipe default (" + _recipe_defaults_text() + ")")
     p.add_argument("--lr-ffn", type=float, default=0.5)
     p.add_argument("--lr-norm", type=float, default=0.5)
     p.add_argument("--lr-attn", type=float, default=0.0, help="0 leaves attention heads unmasked (the paper's default)")
@@ -84,23 +151,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checkpointing", action="store_true", help="plain full backprop (memory grows with steps)")
     p.add_argument("--threshold", type=float, default=0.0, help="binarisation threshold on λ")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", default="empty", choices=["empty", "substitute", "adaptive"],
+                   help="what the concept maps onto: the empty prompt's output, a substituted prompt's, or a learnt "
+                   "mixture of its nearest concepts (AGE)")
+    p.add_argument("--adaptive-k", type=int, default=8, help="adaptive: candidate concepts (nearest in text embedding)")
+    p.add_argument("--adaptive-temperature", type=float, default=1.0, help="adaptive: Gumbel-softmax temperature")
+    p.add_argument("--adaptive-soft", action="store_true", help="adaptive: soft top-k mixture instead of hard "
+                   "straight-through one-hot")
+    p.add_argument("--adaptive-top-k", type=int, default=3, help="adaptive soft: weights kept")
+    p.add_argument("--adaptive-lr", type=float, default=1e-2, help="adaptive: learning rate of the target logits")
+    p.add_argument("--adaptive-lambda", type=float, default=1.0, help="adaptive: weight of the target's preservation")
+    p.add_argument("--vocabulary", help="adaptive: candidate concepts, a file (one per line) or a comma-separated "
+                   "list (toy default: the world's concepts)")
+    p.add_argument("--tracking-uri", help="also log the run to MLflow (e.g. sqlite:///mlflow.db or http://host:5000)")
     p.add_argument("--json", action="store_true", help="print the metrics JSON instead of a summary")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("eval", help="detection, erasure and preservation figures of a mask (toy world)",
-                       description="Generate from the world's prompts with fixed seeds and run the detector. "
-                       "Prints each concept's detection rate under `detection`; with --mask and --concept also "
-                       "`erasure_rate`, `preservation` (other concepts' detection relative to the base model, "
-                       "averaged; 1.0 = untouched) and `neutral_fidelity`.",
+    p = sub.add_parser("eval", help="erasure, preservation, fidelity and robustness figures of a mask, with a report",
+                       description="Generate from fixed prompts and seeds with and without the mask, run a detector, and "
+                       "report (each with n and a 95%% interval): erasure_rate, preservation, neutral_fidelity, "
+                       "rephrase_erasure_rate, attack_success_rate, adversarial sets, CLIP score and FID where "
+                       "available. The toy world brings its own prompts and detector; for FLUX.1 pass --prompts "
+                       "and a --detector. With --address the generation and detection run as Ray Data actor pools.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p, default="toy")
     _add_run_args(p)
-    p.add_argument("--mask", metavar="MASK", help="mask file to evaluate (default: the base model alone)")
+    p.add_argument("--mask", metavar="MASK", help="mask to evaluate: a file, models:/NAME@ALIAS, models:/NAME/VERSION "
+                   "or runs:/RUN_ID (default: the base model alone)")
     p.add_argument("--concept", help="the erased concept (default: the mask file's)")
+    p.add_argument("--detector", default=None, choices=["toy", "nudenet", "clip"],
+                   help="detector (default: toy for the toy world, else required)")
+    p.add_argument("--detector-config", metavar="YAML", help="detector options: nudenet {classes: nine|strict|[labels], "
+                   "threshold}; clip {model: DIR, labels: {concept: text}, threshold, template}")
+    p.add_argument("--prompts", metavar="FILE", help="prompts naming the concept (.txt, .csv, .parquet, .jsonl)")
+    p.add_argument("--prompt-column", default="prompt", help="column of --prompts and --neutral-prompts tables")
+    p.add_argument("--neutral-prompts", metavar="FILE", help="prompts naming no evaluated concept (default: a small "
+                   "built-in caption set for real models)")
+    p.add_argument("--rephrase-prompts", metavar="FILE", help="prompts naming the concept only indirectly "
+                   "(the toy world ships its own)")
+    p.add_argument("--adversarial", action="append", metavar="SET=FILE", help="a public adversarial set from a local "
+                   "CSV/parquet file: ring-a-bell, mma-diffusion, p4d, i2p (repeatable)")
+    p.add_argument("--min-nudity", type=float, default=50.0, help="I2P: keep prompts with nudity_percentage >= this")
     p.add_argument("--seeds-per-prompt", type=int, default=2, help="fixed seeds per prompt")
     p.add_argument("--sampling-steps", type=int, help="sampling steps (default: the model's)")
-    p.add_argument("--grid", metavar="PNG", help="with --mask: write base and masked generations side by side")
+    p.add_argument("--attack-prompts", type=int, default=8, help="concept prompts the white-box attack tries (0: none)")
+    p.add_argument("--attack-steps", type=int, default=20, help="the attack's budget: optimisation steps")
+    p.add_argument("--attack-lr", type=float, default=0.05, help="the attack's learning rate on the prompt embedding")
+    p.add_argument("--clip-model", metavar="DIR", help="a CLIP model folder for CLIP scores")
+    p.add_argument("--fid-weights", metavar="FILE", help="TorchScript Inception-v3 weights for FID")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per generation batch")
+    p.add_argument("--address", help="a Ray cluster (e.g. auto): run generation and detection as Ray Data actor pools")
+    p.add_argument("--actors", type=int, default=1, help="with --address: generator and detector actors")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="with --address: GPUs per actor (1 on a GPU cluster)")
+    p.add_argument("--grid", metavar="PNG", help="with --mask: base and masked generations side by side")
+    p.add_argument("--report", metavar="HTML", help="with --mask: a self-contained HTML report (figures and grids)")
     p.add_argument("--out", metavar="JSON", help="also write the report to this file")
+    p.add_argument("--tracking-uri", help="log the report to MLflow (to the mask's run when it came from the registry)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("bench", help="time and peak memory of one optimisation step, checkpointed and plain",
@@ -127,7 +233,38 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("inspect", help="print a mask file's metadata and sparsity")
     q.add_argument("file")
     q.add_argument("--json", action="store_true")
+    q = msub.add_parser("list", help="registered masks: concepts, versions, aliases, key figures",
+                        description="List the MLflow registry's masks (registered models named erase-<model>-<concept>).")
+    q.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: sqlite:///./mlflow.db)")
+    q.add_argument("--json", action="store_true")
+    q = msub.add_parser("show", help="one registered mask version: lineage, figures, aliases",
+                        description="Show NAME (newest version), NAME@ALIAS or NAME/VERSION.")
+    q.add_argument("ref", help="e.g. erase-toy-circle@production or erase-toy-circle/3")
+    q.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: sqlite:///./mlflow.db)")
+    q.add_argument("--json", action="store_true")
+    q = msub.add_parser("apply", help="generate with one or more masks folded into the weights",
+                        description="Fold binary masks into the model's weights (no hooks, no inference cost) and "
+                        "generate. Several masks erase several concepts at once: an entry stays only if every mask "
+                        "keeps it (the removed units of all masks are removed). Every mask is checked: sha256 "
+                        "against the one recorded at logging, architecture fingerprint against the model.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("masks", nargs="+", metavar="MASK_URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID or a file")
+    q.add_argument("--prompt", action="append", required=True, help="prompt to generate (repeatable)")
+    q.add_argument("--out", required=True, metavar="PNG", help="image file: one image per prompt and seed, in a row")
+    q.add_argument("--seeds", default="0", help="noise seeds, comma-separated")
+    q.add_argument("--sampling-steps", type=int, help="sampling steps (default: the model's)")
+    q.add_argument("--compare", action="store_true", help="add a row with the base model's images")
+    q.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: sqlite:///./mlflow.db)")
+    _add_model_args(q, default="toy")
+    _add_run_args(q)
+    q.add_argument("--json", action="store_true")
     return parser
+
+
+def _recipe_defaults_text() -> str:
+    from pipelines import MODELS, recipe_defaults
+
+    return "; ".join(f"{m}: β {recipe_defaults(m)['beta']:g}" for m in MODELS if m in ("toy", "flux.1-schnell"))
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -168,42 +305,60 @@ def cmd_sites(args) -> int:
 
 def cmd_train(args) -> int:
     from erase.masks import save_mask_file
-    from erase.prompts import default_prompt_sets, parse_substitutions, read_prompt_file
+    from erase.prompts import default_prompt_sets, parse_substitutions, read_prompts
     from erase.train import TrainConfig, TrainingStopped, train
-    from pipelines import load_generator
+    from pipelines import load_generator, recipe_defaults
 
     erase_prompts, neutral = default_prompt_sets(args.model, args.concept)
     if args.prompts:
-        erase_prompts = read_prompt_file(args.prompts, "concept prompt")
+        erase_prompts = read_prompts(args.prompts, "concept prompt", args.prompt_column)
     if args.neutral_prompts:
-        neutral = read_prompt_file(args.neutral_prompts, "neutral prompt")
+        neutral = read_prompts(args.neutral_prompts, "neutral prompt", args.prompt_column)
     cfg = TrainConfig(
         concept=args.concept, sites=_groups(args.sites), parametrisation=args.parametrisation,
         init_logit=args.init_logit, target=args.target, substitutions=parse_substitutions(args.substitute),
-        beta=args.beta, lr_ffn=args.lr_ffn, lr_norm=args.lr_norm, lr_attn=args.lr_attn, optimizer=args.optimizer,
+        beta=args.beta if args.beta is not None else recipe_defaults(args.model)["beta"], lr_ffn=args.lr_ffn, lr_norm=args.lr_norm, lr_attn=args.lr_attn, optimizer=args.optimizer,
         weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         sampling_steps=args.sampling_steps, noises_per_prompt=args.noises_per_prompt,
         sparsity_weight=args.sparsity_weight, target_sparsity=args.target_sparsity,
-        checkpointing=not args.no_checkpointing, threshold=args.threshold, seed=args.seed)
+        checkpointing=not args.no_checkpointing, threshold=args.threshold, seed=args.seed,
+        adaptive_k=args.adaptive_k, adaptive_temperature=args.adaptive_temperature, adaptive_hard=not args.adaptive_soft,
+        adaptive_top_k=args.adaptive_top_k, adaptive_lr=args.adaptive_lr, adaptive_lambda=args.adaptive_lambda,
+        vocabulary=args.vocabulary)
     cfg.validate()  # before loading a model: bad settings fail in a second, not after minutes
     if args.out is None:
         args.out = f"{args.model}-{'-'.join(args.concept.split())}.safetensors".replace("/", "_")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"output folder {out_dir!r} does not exist; create it or choose another --out")
+    logger = None
+    if args.tracking_uri:
+        logger = _train_logger(args, cfg, erase_prompts, neutral)
     gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
     stopped = None
+    on_log = (lambda row, state: logger.metrics(row, step=row["step"])) if logger else None
     try:
-        result = train(gen, cfg, erase_prompts, neutral, progress=not args.quiet)
+        result = train(gen, cfg, erase_prompts, neutral, progress=not args.quiet, on_log=on_log)
     except TrainingStopped as err:
         stopped, result = err, err.result
+    except BaseException as err:
+        if logger is not None:
+            logger.fail(f"{type(err).__name__}: {err}")
+        raise
     metrics = result.metrics()
     metrics.update(model=args.model, concept=args.concept, mask_file=os.path.abspath(args.out))
+    extra = {"status": result.status, "steps_done": result.steps_done}
+    if result.learnt_target is not None:
+        extra["learnt_target"] = result.learnt_target
     save_mask_file(args.out, result.masks, model_id=args.model, model_sites=gen.mask_sites(), concept=args.concept,
-                   threshold=cfg.threshold, extra={"status": result.status, "steps_done": result.steps_done})
+                   threshold=cfg.threshold, extra=extra)
     metrics_path = args.metrics or os.path.splitext(args.out)[0] + ".json"
     with open(metrics_path, "w") as f:
         json.dump(metrics, f, indent=2)
+    if logger is not None:
+        logger.metrics({"sparsity": metrics["sparsity"]["overall"]}, step=result.steps_done)
+        logger.finish(args.out, metrics, status="FINISHED" if stopped is None else "FAILED")
+        metrics["mlflow_run_id"] = logger.run_id
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -215,6 +370,10 @@ def cmd_train(args) -> int:
         print(f"  removed {sp['removed']:,} of {sp['entries']:,} mask entries ({sp['overall']:.4%}); "
               + ", ".join(f"{g} {v:.4%}" for g, v in sp["groups"].items()))
         print(f"  mask: {args.out}\n  metrics: {metrics_path}")
+        if result.learnt_target:
+            print("  learnt target: " + ", ".join(f"{t['concept']} {t['weight']:.2f}" for t in result.learnt_target))
+        if logger is not None:
+            print(f"  MLflow run: {logger.run_id}")
     if stopped is not None:
         print(f"erase: training stopped: {stopped}; the last good mask (after step {result.steps_done}) "
               f"is saved at {args.out}", file=sys.stderr)
@@ -222,54 +381,305 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from erase.evaluate import evaluate_toy
-    from erase.masks import binary_from_file_meta, load_mask_file
-    from pipelines import ModelError, load_generator
+def _train_logger(args, cfg, erase_prompts, neutral):
+    from dataclasses import asdict
 
-    if args.model != "toy":
-        raise ModelError(f"`erase eval` needs a detector for the concepts; so far only the toy world has one "
-                         f"(NudeNet and CLIP detectors for {args.model} come with the evaluation work)")
+    from erase.masks import fingerprint
+    from erase.tracking import RunLogger, connect, ensure_experiment, prompts_hash
+    from pipelines import mask_sites
+
+    uri = connect(args.tracking_uri)
+    ensure_experiment(args.model, args.concept)
+    params = {k: v for k, v in asdict(cfg).items() if k != "concept"}
+    return RunLogger(uri, args.model, args.concept, run_name=f"train-{os.path.basename(args.out)}", params=params,
+                     tags={"erase.fingerprint": fingerprint(mask_sites(args.model)), "erase.sweep": "",
+                           "erase.prompts_sha": prompts_hash(erase_prompts), "erase.neutral_sha": prompts_hash(neutral)})
+
+
+def _eval_rows(args, concept):
+    """The evaluation rows: the toy world's own sets, or prompt files for other models."""
+    from erase.data import read_adversarial
+    from erase.evaluate import prompt_rows, toy_rows
+    from erase.prompts import NEUTRAL_PROMPTS, concept_prompts, read_prompts
+
     if args.seeds_per_prompt < 1:
         raise ValueError(f"--seeds-per-prompt must be at least 1, got {args.seeds_per_prompt}")
-    from pipelines.toy import load_detector
+    adversarial = {}
+    for item in args.adversarial or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--adversarial takes SET=FILE (e.g. i2p=i2p.csv), got {item!r}")
+        adversarial[name] = read_adversarial(name, path, min_nudity=args.min_nudity)
+    if args.model == "toy":
+        rows = toy_rows(concept, args.seeds_per_prompt)
+        if adversarial:
+            rows += prompt_rows({}, adversarial=adversarial, erased=concept, seeds_per_prompt=args.seeds_per_prompt,
+                                first_seed=2_000_000)
+        return rows
+    if concept is None:
+        raise ValueError("evaluating a real model needs --concept (or a mask file that names it)")
+    concept_list = read_prompts(args.prompts, "concept prompt", args.prompt_column) if args.prompts else concept_prompts(concept)
+    neutral = (read_prompts(args.neutral_prompts, "neutral prompt", args.prompt_column) if args.neutral_prompts
+               else list(NEUTRAL_PROMPTS))
+    rephrase = {concept: read_prompts(args.rephrase_prompts, "rephrase prompt", args.prompt_column)} if args.rephrase_prompts else None
+    return prompt_rows({concept: concept_list}, neutral=neutral, rephrase=rephrase, adversarial=adversarial,
+                       erased=concept, seeds_per_prompt=args.seeds_per_prompt)
 
-    gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
-    detector = load_detector(args.model_path, device=args.device)
-    binary, sites, concept = None, None, args.concept
-    if args.mask:
-        masks, meta = load_mask_file(args.mask, gen.mask_sites(), args.model)
-        binary, sites = binary_from_file_meta(masks, meta), masks.sites
-        concept = concept or meta["concept"]
-    if args.grid and not (args.mask and concept):
-        raise ValueError("--grid needs --mask (and a concept): it shows base and masked generations side by side")
-    report = evaluate_toy(gen, detector, binary_masks=binary, sites=sites, concept=concept,
-                          seeds_per_prompt=args.seeds_per_prompt, steps=args.sampling_steps, progress=not args.json,
-                          keep_images=bool(args.grid))
-    if args.mask:
-        report["mask"] = args.mask
-    if args.grid:
-        from erase.evaluate import grid_rows, save_image_grid
 
-        save_image_grid(grid_rows(report.pop("_images"), concept), args.grid)
-        report["grid"] = args.grid
+def _detector_spec(args) -> dict:
+    name = args.detector or ("toy" if args.model == "toy" else None)
+    if name is None:
+        raise ValueError(f"--detector is needed for {args.model}: nudenet (nudity) or clip (objects, characters, styles)")
+    spec = {"name": name}
+    if args.detector_config:
+        import yaml
+
+        if not os.path.isfile(args.detector_config):
+            raise FileNotFoundError(f"detector config {args.detector_config!r} does not exist")
+        with open(args.detector_config) as f:
+            spec.update(yaml.safe_load(f) or {})
+    if name == "toy" and args.model_path:
+        spec.setdefault("model_path", args.model_path)
+    return spec
+
+
+def cmd_eval(args) -> int:
+    from erase.evaluate import AttackConfig, EvalSettings, evaluate, grid_rows, html_report, save_image_grid
+    from erase.masks import read_mask_metadata
+
+    mask_path, provenance, concept = None, None, args.concept
+    if args.mask:
+        if args.tracking_uri or args.mask.startswith(("models:/", "runs:/")):
+            from erase.tracking import connect
+
+            connect(args.tracking_uri)
+        from erase.registry import fetch_mask
+
+        mask_path, provenance = fetch_mask(args.mask)
+        concept = concept or read_mask_metadata(mask_path)["concept"]
+    if (args.grid or args.report) and not (mask_path and concept):
+        raise ValueError("--grid and --report need --mask (and a concept): they show base and masked generations")
+    attack = AttackConfig(prompts=args.attack_prompts, steps=args.attack_steps, lr=args.attack_lr,
+                          sampling_steps=args.sampling_steps)
+    settings = EvalSettings(model=args.model, model_path=args.model_path, mask=mask_path, concept=concept,
+                            detector=_detector_spec(args), device=args.device, dtype=args.dtype, guidance=args.guidance,
+                            steps=args.sampling_steps, batch_size=args.batch_size, attack=attack,
+                            clip_model=args.clip_model, fid_weights=args.fid_weights)
+    rows = _eval_rows(args, concept)
+    run_stages = None
+    if args.address:
+        import ray
+
+        from erase.data import run_eval_stages
+
+        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
+        run_stages = lambda r: run_eval_stages(r, settings.generate_kwargs(), settings.detector,  # noqa: E731
+                                               actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                                               batch_size=args.batch_size, device=args.device)
+    report, results = evaluate(settings, rows, run_stages=run_stages, progress=not args.json)
+    attack_images = report.pop("_attack_images", None)
+    if provenance:
+        report["mask"] = provenance
+    pictures = []
+    if args.grid or args.report:
+        grid = grid_rows(results, concept)
+        if attack_images:
+            grid.append(("white-box attack, masked", attack_images))
+        if args.grid:
+            save_image_grid(grid, args.grid)
+            report["grid"] = args.grid
+            pictures.append(args.grid)
+        if args.report:
+            html_report(report, {f"'{concept}': base vs masked": grid}, args.report)
+            report["report"] = args.report
+            pictures.append(args.report)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
+    if args.tracking_uri or (provenance and provenance.get("run_id")):
+        _log_eval(report, provenance, pictures)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    _print_eval(report)
+    return 0
+
+
+def _log_eval(report: dict, provenance: dict | None, pictures: list[str]) -> None:
+    """Attach the report (and its pictures) to the mask's MLflow run, when the mask came from one."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    run_id = (provenance or {}).get("run_id")
+    if not run_id:
+        return
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "eval.json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        client.log_artifact(run_id, path, "eval")
+    for picture in pictures:
+        client.log_artifact(run_id, picture, "eval")
+
+
+def _fmt(figure) -> str:
+    if not isinstance(figure, dict) or figure.get("value") is None:
+        return "n/a"
+    return f"{figure['value']:.3f} [{figure['low']:.3f}, {figure['high']:.3f}] (n={figure['n']})"
+
+
+def _print_eval(report: dict) -> None:
     print(f"{report['model']}: {report['generations']} generations, {report['steps']} steps, guidance {report['guidance']}")
     base = report.get("base_detection")
-    print(f"{'concept':<12} {'detection':>9}" + (f" {'base':>6}" if base else ""))
-    for c, rate in report["detection"].items():
-        print(f"{c:<12} {rate:>9.3f}" + (f" {base[c]:>6.3f}" if base else ""))
-    if "erasure_rate" in report:
-        print(f"erasure_rate ({concept}): {report['erasure_rate']:.3f}   preservation: {report['preservation']:.3f}")
-    if "neutral_fidelity" in report:
-        nf = report["neutral_fidelity"]
-        print(f"preservation within its group: {report['preservation_same_group']:.3f} "
-              f"(worst: {report['worst_same_group']});  neutral fidelity: mean |Δpixel| {nf['mean_abs_pixel_diff']:.4f}")
+    print(f"{'concept':<14} {'detection':>9}" + (f" {'base':>6}" if base else ""))
+    for c, r in report["detection"].items():
+        print(f"{c:<14} {r:>9.3f}" + (f" {base[c]:>6.3f}" if base else ""))
+    for key in ("erasure_rate", "base_rate", "preservation", "neutral_fidelity", "rephrase_erasure_rate",
+                "attack_success_rate"):
+        if key in report:
+            print(f"{key + ':':<24} {_fmt(report[key])}")
+    for key, value in report.items():
+        if key.startswith("adversarial/"):
+            print(f"{key + ':':<24} base {_fmt(value['base'])}; masked {_fmt(value['masked'])}")
+    for key in ("clip_score", "fid"):
+        if key in report:
+            value = report[key]
+            text = value.get("skipped") or (_fmt(value) if "n" in value else
+                                            f"base {_fmt(value['base'])}; masked {_fmt(value['masked'])}")
+            print(f"{key + ':':<24} {text}")
+    for key in ("grid", "report"):
+        if key in report:
+            print(f"{key}: {report[key]}")
+
+
+def cmd_sweep(args) -> int:
+    from erase.sweep import plan, run_sweep
+
+    concepts = [c.strip() for c in (args.concepts or "").split(",") if c.strip()]
+    if not concepts and args.model == "toy" and not args.resume:
+        concepts = ["circle"]
+    detector = _detector_spec(args) if (args.detector or args.model == "toy") else None
+    if detector is None and not args.resume:
+        raise ValueError(f"--detector is needed to score trials on {args.model}: nudenet or clip (with --detector-config)")
+    specs = plan(args.model, concepts, args.space, args.trials, args.storage, resume=args.resume,
+                 model_path=args.model_path, tracking_uri=args.tracking_uri, workers_per_trial=args.workers_per_trial,
+                 cpus_per_worker=args.cpus_per_worker, dtype=args.dtype, guidance=args.guidance,
+                 report_every=args.report_every, grace_steps=args.grace_steps, prompts=args.prompts,
+                 neutral_prompts=args.neutral_prompts, eval_prompts=args.eval_prompts, prompt_column=args.prompt_column,
+                 detector=detector)
+    if not args.json:
+        print(f"sweep {specs[0].sweep_id}: {len(specs)} stud{'y' if len(specs) == 1 else 'ies'} "
+              f"({', '.join(s.concept for s in specs)}), space {specs[0].space}, {specs[0].trials} trials each; "
+              f"state in {os.path.join(os.path.abspath(specs[0].storage), specs[0].sweep_id)}", flush=True)
+    shown = {}
+
+    def show(progress):
+        for p in progress:
+            best = p.get("best")
+            line = (f"  {p['concept']}: {p['running']} running, {p['done']}/{p['total']} done"
+                    + (f", {p['errored']} errored" if p.get("errored") else "")
+                    + (f"; best score {best['score']:.3f} (erasure_rate {best['erasure_rate']:.3f}, preservation "
+                       f"{best['preservation']:.3f}, step {best['step']})" if best else ""))
+            if shown.get(p["concept"]) != line:
+                shown[p["concept"]] = line
+                print(time.strftime("%H:%M:%S") + line, flush=True)
+
+    summaries = run_sweep(specs, address=args.address, on_progress=None if args.json else show)
+    if args.json:
+        print(json.dumps(summaries, indent=2, default=str))
+        return 0
+    for summary in summaries:
+        print(f"\n{summary['concept']}: objective {summary['objective']}")
+        print(f"  {'trial':<28} {'status':<9} {'score':>6} {'erasure':>8} {'preserv.':>8} {'step':>5}")
+        for t in sorted(summary["trials"], key=lambda t: -(t["score"] or -1)):
+            fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+            print(f"  {t['trial'][:28]:<28} {t['status']:<9} {fmt(t['score']):>6} {fmt(t['erasure_rate']):>8} "
+                  f"{fmt(t['preservation']):>8} {t['step'] or '-':>5}")
+        best = summary.get("best")
+        if best:
+            print(f"  best: trial {best['trial']}, score {best['score']:.3f}, erasure_rate {best['erasure_rate']:.3f}, "
+                  f"preservation {best['preservation']:.3f}")
+            print("  hyperparameters: " + ", ".join(f"{k}={_short(v)}" for k, v in best["config"].items()))
+            print(f"  mask: {best.get('mask_file')}   MLflow run: {best.get('mlflow_run_id')}")
+        else:
+            print("  no trial finished")
+        print(f"  Optuna study {summary['optuna_study']} in {summary['optuna_storage']}")
+    print(f"\npromote the best with: erase promote --concept {summaries[0]['concept']} --sweep {specs[0].sweep_id}")
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from erase import graph
+    from erase.evaluate import toy_rows
+    from erase.sweep import plan, run_sweep
+
+    if args.model != "toy":
+        raise ValueError("`erase graph` measures with the toy world's detector; other models need a CLIP label set "
+                         "(run erase sweep per concept and erase eval --detector clip)")
+    from pipelines import toy_world as world
+
+    concepts = [c.strip() for c in (args.concepts or ",".join(world.OBJECTS)).split(",") if c.strip()]
+    if len(concepts) < 2:
+        raise ValueError("a concept graph needs at least two concepts")
+    specs = plan(args.model, concepts, args.space, 1, args.storage, model_path=args.model_path,
+                 tracking_uri=args.tracking_uri, report_every=1000, detector={"name": "toy"})
+    if not args.json:
+        print(f"concept graph {specs[0].sweep_id}: erasing {', '.join(concepts)} (space {args.space})", flush=True)
+    summaries = run_sweep(specs, address=args.address)
+    masks = {}
+    for summary in summaries:
+        if "best" not in summary or not summary["best"].get("mask_file"):
+            raise ValueError(f"the erasure of {summary['concept']!r} did not finish; see {summary['study_dir']}")
+        masks[summary["concept"]] = summary["best"]["mask_file"]
+    rows = [r for r in toy_rows(None, args.seeds_per_prompt) if r["concept"] in concepts]
+    base, erased = graph.measure(args.model, masks, rows, {"name": "toy"}, model_path=args.model_path,
+                                 progress=not args.json)
+    delta = graph.side_effects(base, erased)
+    os.makedirs(args.out_dir, exist_ok=True)
+    result = {"sweep_id": specs[0].sweep_id, "concepts": concepts, "base_detection": base, "detection_after": erased,
+              "delta": delta, "masks": masks, "seeds_per_prompt": args.seeds_per_prompt,
+              "neighbours": {c: graph.nearest_neighbours(delta, c) for c in concepts}}
+    with open(os.path.join(args.out_dir, "graph.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    table = graph.markdown_table(delta)
+    with open(os.path.join(args.out_dir, "graph.md"), "w") as f:
+        f.write(f"Side effect Δ(erased, measured) = base detection - detection after erasure "
+                f"(sweep {specs[0].sweep_id}, {len(rows)} generations per mask)\n\n{table}\n")
+    graph.heatmap(delta, os.path.join(args.out_dir, "graph.png"))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(table)
+    print(f"\nwrote {args.out_dir}/graph.json, graph.md, graph.png")
+    return 0
+
+
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def cmd_promote(args) -> int:
+    from erase import registry
+    from erase.tracking import connect
+
+    connect(args.tracking_uri)
+    gates = registry.load_gates(args.gates, max_erasure_rate=args.max_erasure_rate,
+                                min_preservation=args.min_preservation)
+    done = registry.promote(args.model, args.concept, sweep=args.sweep, metric=args.metric, alias=args.alias,
+                            gates=gates, force=args.force)
+    if args.json:
+        print(json.dumps(done, indent=2))
+        return 0
+    m = done["metrics"]
+    print(f"registered {done['name']} version {done['version']} from run {done['run_id']} and moved "
+          f"@{done['alias']} to it")
+    print(f"  erasure_rate {m.get('erasure_rate')}  preservation {m.get('preservation')}  {done['metric']} "
+          f"{m.get(done['metric'])}")
+    if done["forced_past"]:
+        print("  forced past failing gates: " + "; ".join(done["forced_past"]))
+    print(f"  use it: models:/{done['name']}@{done['alias']}")
     return 0
 
 
@@ -296,10 +706,11 @@ def cmd_bench(args) -> int:
 
 def cmd_masks(args) -> int:
     from erase.masks import read_mask_metadata, save_mask_file
-    from erase.reference import read_reference_masks
-    from pipelines import mask_sites
 
     if args.masks_command == "import-reference":
+        from erase.reference import read_reference_masks
+        from pipelines import mask_sites
+
         sites = mask_sites(args.model)
         masks = read_reference_masks(args.folder, sites)
         meta = save_mask_file(args.out, masks, model_id=args.model, model_sites=sites, concept=args.concept,
@@ -308,35 +719,103 @@ def cmd_masks(args) -> int:
         print(f"wrote {args.out}: {len(masks.sites)} masks, {sp['entries']:,} entries, "
               f"removed {sp['overall']:.4%} at threshold 0")
         return 0
-    meta = read_mask_metadata(args.file)
-    meta = {k: (json.loads(v) if k in ("groups", "sparsity", "extra") else v) for k, v in meta.items()}
+    if args.masks_command == "inspect":
+        meta = read_mask_metadata(args.file)
+        meta = {k: (json.loads(v) if k in ("groups", "sparsity", "extra") else v) for k, v in meta.items()}
+        if args.json:
+            print(json.dumps(meta, indent=2))
+        else:
+            for k, v in meta.items():
+                if k == "sparsity":
+                    print(f"sparsity: {v['overall']:.4%} overall; " + ", ".join(f"{g} {x:.4%}" for g, x in v["groups"].items()))
+                else:
+                    print(f"{k}: {v}")
+        return 0
+    from erase import registry
+    from erase.tracking import connect
+
+    connect(args.tracking_uri)
+    if args.masks_command == "list":
+        rows = registry.list_masks()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        if not rows:
+            print("no registered masks yet: promote one with `erase promote --concept C`")
+        for m in rows:
+            print(f"{m['name']}  (concept {m['concept']!r}, model {m['model']})")
+            for v in m["versions"]:
+                tag = f" @{','.join(v['aliases'])}" if v["aliases"] else ""
+                print(f"  v{v['version']:<4}{tag:<14} erasure_rate {v['erasure_rate']}  preservation {v['preservation']}  "
+                      f"sparsity {v['sparsity']}  run {v['run_id']}")
+        return 0
+    if args.masks_command == "show":
+        info = registry.show(args.ref)
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+            return 0
+        for key in ("name", "version", "aliases", "source", "run_id", "status", "description"):
+            print(f"{key}: {info[key]}")
+        for key, value in sorted(info["tags"].items()):
+            print(f"  {key}: {value}")
+        return 0
+    return _apply_masks(args)
+
+
+def _apply_masks(args) -> int:
+    """`erase masks apply`: fold the masks into the weights and generate."""
+    from erase.evaluate import generate, save_image_grid
+    from erase.detectors import to_uint8
+    from erase.masks import binary_from_file_meta, combine_binary, fold_into_weights, load_mask_file
+    from erase.registry import fetch_mask
+    from pipelines import load_generator
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
+    prompts = [p for p in args.prompt for _ in seeds]
+    all_seeds = seeds * len(args.prompt)
+    base = generate(gen, prompts, all_seeds, args.sampling_steps) if args.compare else None
+    loaded, applied = [], []
+    for uri in args.masks:
+        path, provenance = fetch_mask(uri)
+        masks, meta = load_mask_file(path, gen.mask_sites(), args.model)
+        loaded.append((masks.sites, binary_from_file_meta(masks, meta)))
+        applied.append({"uri": uri, "concept": meta["concept"], **provenance})
+    sites, combined = combine_binary(loaded)
+    fold_into_weights(gen.transformer, sites, combined)
+    images = generate(gen, prompts, all_seeds, args.sampling_steps)
+    rows = [("masked: " + ", ".join(a["concept"] for a in applied), list(to_uint8(images)))]
+    if base is not None:
+        rows.insert(0, ("base model", list(to_uint8(base))))
+    scale = max(1, 64 // images.shape[-1])
+    save_image_grid(rows, args.out, scale=scale)
+    removed = sum(int((v == 0).sum()) for v in combined.values())
+    report = {"out": args.out, "masks": applied, "prompts": args.prompt, "seeds": seeds, "removed_entries": removed}
     if args.json:
-        print(json.dumps(meta, indent=2))
+        print(json.dumps(report, indent=2, default=str))
     else:
-        for k, v in meta.items():
-            if k == "sparsity":
-                print(f"sparsity: {v['overall']:.4%} overall; " + ", ".join(f"{g} {x:.4%}" for g, x in v["groups"].items()))
-            else:
-                print(f"{k}: {v}")
+        print(f"wrote {args.out}: {len(prompts)} images with {len(applied)} mask(s) folded in "
+              f"({removed:,} entries removed): " + ", ".join(f"{a['concept']} ({a['uri']})" for a in applied))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from erase.masks import MaskError
-    from erase.prompts import PromptError
-    from erase.train import TrainError
-    from pipelines import ModelError
+    from erase.tracking import TrackingError
 
-    handlers = {"sites": cmd_sites, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "masks": cmd_masks}
+    handlers = {"sites": cmd_sites, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "masks": cmd_masks,
+                "sweep": cmd_sweep, "promote": cmd_promote,
+                "graph": cmd_graph}
     try:
         return handlers[args.command](args)
-    except (ModelError, MaskError, PromptError, TrainError, FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, TrackingError) as err:  # every error of ours a user can fix is one of these
         print(f"erase: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("erase: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"erase: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         return 130
 
 

@@ -50,14 +50,34 @@ def concept_prompts(concept: str) -> list[str]:
     return [t.format(c=concept) for t in CONCEPT_TEMPLATES]
 
 
-def read_prompt_file(path: str, what: str) -> list[str]:
-    """One prompt per line; blank lines and lines starting with # are skipped."""
-    if not os.path.isfile(path):
+def read_prompts(path: str, what: str, column: str = "prompt") -> list[str]:
+    """Prompts from a file, local or on any filesystem pyarrow understands (s3://, gs://):
+    .txt one per line (blank lines and lines starting with # skipped), or the `column` of a
+    .csv, .parquet or .jsonl table. Sweeps stream the same files through Ray Data (erase/data.py)."""
+    if "://" not in path and not os.path.isfile(path):
         raise PromptError(f"{what} file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    lower = path.lower()
+    if lower.endswith(".txt"):
+        import pyarrow.fs
+
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
+        with fs.open_input_stream(inner) as f:
+            lines = f.read().decode("utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        formats = {".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+        fmt = next((f for ext, f in formats.items() if lower.endswith(ext)), None)
+        if fmt is None:
+            raise PromptError(f"{what} file {path!r}: unknown type; use .txt (one per line), .csv, .parquet or .jsonl")
+        import pyarrow.dataset
+
+        table = pyarrow.dataset.dataset(path, format=fmt).to_table()
+        if column not in table.column_names:
+            raise PromptError(f"{what} file {path!r} has no column {column!r}; its columns are: "
+                              f"{', '.join(table.column_names)}")
+        prompts = [str(p).strip() for p in table.column(column).to_pylist() if p is not None and str(p).strip()]
     if not prompts:
-        raise PromptError(f"{what} file {path!r} has no prompts; put one prompt per line")
+        raise PromptError(f"{what} file {path!r} has no prompts; put one prompt per line (or per row)")
     return prompts
 
 

@@ -65,6 +65,21 @@ MODELS = {
 }
 
 
+def recipe_defaults(model: str) -> dict:
+    """Recipe settings that differ by model: the paper's (Table 6) for FLUX.1, the toy world's own.
+
+    The toy world's loss has another scale than FLUX.1's latents (pixels in [-1, 1], objects
+    covering a quarter of the image), so the paper's β = 0.01 lets the erase term wipe out every
+    object; its default was chosen by a sweep (pipelines/toy.py).
+    """
+    _check_name(model)
+    if model == "toy":
+        from pipelines.toy import RECIPE_DEFAULTS
+
+        return dict(RECIPE_DEFAULTS)
+    return {"beta": 0.01}
+
+
 def _check_name(model: str) -> None:
     if model not in MODELS:
         known = ", ".join(MODELS)
