@@ -125,3 +125,39 @@ def _main_row(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _main_row(sys.argv[1:])
+
+
+# ---------------------------------------------------------------- target strategies (AGE)
+
+
+def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, beta: float | None = None,
+                    seed: int = 0, seeds_per_prompt: int = 2, substitute_phrase: str = "shape",
+                    strategies=("empty", "substitute", "adaptive"), progress: bool = True) -> dict:
+    """Erase `concept` from the toy world once per target strategy (same settings, seeds and prompts)
+    and measure its erasure and the preservation of its nearest neighbours in the concept graph."""
+    from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, toy_rows
+    from erase.prompts import toy_prompt_sets
+    from erase.train import TrainConfig, train
+    from pipelines import load_generator, recipe_defaults
+
+    gen = load_generator("toy")
+    detect = DetectStage({"name": "toy"})
+    erase_prompts, neutral = toy_prompt_sets(concept)
+    rows = toy_rows(concept, seeds_per_prompt)
+    base_cache: dict = {}
+    beta = recipe_defaults("toy")["beta"] if beta is None else beta
+    out = {"concept": concept, "neighbours": neighbours, "steps": steps, "beta": beta, "seed": seed,
+           "substitute": f"{concept}={substitute_phrase}", "strategies": {}}
+    for strategy in strategies:
+        cfg = TrainConfig(concept=concept, target=strategy, beta=beta, steps=steps, seed=seed,
+                          substitutions={concept: substitute_phrase} if strategy == "substitute" else {})
+        result = train(gen, cfg, erase_prompts, neutral, progress=progress)
+        stage = GenerateStage(gen=gen, masks=(result.masks.sites, result.masks.binary()))
+        stage.base_cache = base_cache
+        report, _ = evaluate(EvalSettings(concept=concept, attack=None), rows, stages=(stage, detect))
+        kept = {n: report["preservation_by_concept"][n] for n in neighbours}
+        out["strategies"][strategy] = {
+            "erasure_rate": report["erasure_rate"], "preservation": report["preservation"],
+            "neighbour_preservation": kept, "neighbour_mean": sum(kept.values()) / len(kept),
+            "seconds": round(result.seconds, 1), "learnt_target": result.learnt_target}
+    return out

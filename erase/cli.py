@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed optimisation steps per row (the fastest counts)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--targets", metavar="CONCEPT", help="instead: compare the target strategies (empty, substitute, "
+                   "adaptive) erasing this toy-world concept, same settings and seeds, reporting the preservation "
+                   "of its three nearest neighbours in the concept graph")
+    p.add_argument("--graph", metavar="JSON", help="with --targets: the concept graph (erase graph's graph.json) that "
+                   "names the neighbours (default: docs/concept_graph/graph.json)")
+    p.add_argument("--train-steps", type=int, default=400, help="with --targets: optimisation steps per erasure")
     p.add_argument("--json", action="store_true", help="print JSON with a list `rows` of {steps, checkpointing, seconds, peak_mb}")
 
     p = sub.add_parser("masks", help="mask files: import the reference code's masks, inspect a file")
@@ -686,6 +692,8 @@ def cmd_promote(args) -> int:
 def cmd_bench(args) -> int:
     from erase import bench
 
+    if args.targets:
+        return _bench_targets(args)
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     if not steps or min(steps) < 1:
         raise ValueError(f"--steps takes positive step counts like 1,2,4,8, got {args.steps!r}")
@@ -701,6 +709,34 @@ def cmd_bench(args) -> int:
         print(f"{r['steps']:>5} {str(r['checkpointing']):>13} {r['seconds']:>9.3f} {r['peak_mb']:>9.1f}")
     for name, value in report["ratios"].items():
         print(f"{name}: {value}")
+    return 0
+
+
+def _bench_targets(args) -> int:
+    from erase import bench, graph
+
+    path = args.graph or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                                      "concept_graph", "graph.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"concept graph {path!r} does not exist: run `erase graph` first or pass --graph")
+    with open(path) as f:
+        delta = json.load(f)["delta"]
+    if args.targets not in delta:
+        raise ValueError(f"the concept graph in {path} has no row for {args.targets!r}; it has {', '.join(delta)}")
+    neighbours = graph.nearest_neighbours(delta, args.targets, 3)
+    report = bench.compare_targets(args.targets, neighbours, steps=args.train_steps, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"erasing {report['concept']!r} ({report['steps']} steps, beta {report['beta']}); nearest neighbours in "
+          f"the concept graph: {', '.join(neighbours)}")
+    print(f"{'target':<11} {'erasure_rate':>14} {'preservation':>13} " + " ".join(f"{n:>10}" for n in neighbours)
+          + f" {'neighbours':>10}")
+    for name, r in report["strategies"].items():
+        print(f"{name:<11} {r['erasure_rate']['value']:>14.3f} {r['preservation']['value']:>13.3f} "
+              + " ".join(f"{r['neighbour_preservation'][n]:>10.3f}" for n in neighbours) + f" {r['neighbour_mean']:>10.3f}")
+        if r["learnt_target"]:
+            print("            learnt target: " + ", ".join(f"{t['concept']} {t['weight']:.2f}" for t in r["learnt_target"]))
     return 0
 
 

@@ -60,15 +60,15 @@ def read_prompt_dataset(path: str, column: str = "prompt"):
         raise PromptError(f"{path!r} has no column {column!r}; its columns are: {', '.join(columns)}. "
                           "Choose one with the --*-column options")
     ds = ds.select_columns([column])
-    if column != "prompt":
-        ds = ds.rename_columns({column: "prompt"})
-    return ds.filter(lambda row: bool(str(row["prompt"]).strip()) and not str(row["prompt"]).lstrip().startswith("#"))
+    return ds.rename_columns({column: "prompt"}) if column != "prompt" else ds
 
 
 def with_seeds(ds, first_seed: int, noises_per_prompt: int):
-    """Each prompt row -> `noises_per_prompt` rows {prompt, seed}."""
+    """Each prompt row -> `noises_per_prompt` rows {prompt, seed}; blank rows and # comments are dropped."""
     def expand(row):
-        prompt = str(row["prompt"]).strip()
+        prompt = str(row["prompt"] or "").strip()
+        if not prompt or prompt.startswith("#"):
+            return []
         return [{"prompt": prompt, "seed": example_seed(prompt, k, first_seed)} for k in range(noises_per_prompt)]
 
     return ds.flat_map(expand)

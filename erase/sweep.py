@@ -363,8 +363,8 @@ def _prompt_sets(spec: SweepSpec, fixed: dict):
         rows = toy_rows(spec.concept, seeds_per_prompt=1)
     else:
         source = spec.eval_prompts or spec.prompts
-        concept_list = ([r["prompt"] for r in read_prompt_dataset(source, spec.prompt_column).take_all()] if source
-                        else concept_prompts(spec.concept))
+        concept_list = ([r["prompt"] for r in with_seeds(read_prompt_dataset(source, spec.prompt_column), 0, 1).take_all()]
+                        if source else concept_prompts(spec.concept))
         rows = eval_prompt_rows({spec.concept: concept_list}, neutral=list(NEUTRAL_PROMPTS), erased=spec.concept)
     eval_ds = ray.data.from_items(rows).materialize()
     hashes = {name: prompts_hash(sorted(str(r["prompt"]) for r in ds.take_all()))

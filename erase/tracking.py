@@ -140,17 +140,23 @@ class RunLogger:
 
     def __init__(self, tracking_uri: str, model: str, concept: str, *, run_name: str, params: dict, tags: dict,
                  run_id: str | None = None):
+        """`run_id`: continue that run (a worker restarted from its checkpoint). A trial (tags
+        erase.sweep and erase.trial) that already has a run continues it too, checkpoint or not."""
         quiet_mlflow()
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        if run_id is not None:  # a retried worker continues its run
-            self.run_id = run_id
-            return
         experiment_id = self.client.get_experiment_by_name(experiment_name(model, concept))
         if experiment_id is None:
             raise TrackingError(f"experiment {experiment_name(model, concept)!r} is missing: the driver creates it "
                                 "before trials start (erase.tracking.ensure_experiment)")
+        if run_id is None and tags.get("erase.trial") and tags.get("erase.sweep"):
+            same = self.client.search_runs([experiment_id.experiment_id], max_results=1, filter_string=(
+                f"tags.`erase.sweep` = '{tags['erase.sweep']}' and tags.`erase.trial` = '{tags['erase.trial']}'"))
+            run_id = same[0].info.run_id if same else None
+        if run_id is not None:  # a retried worker continues its run
+            self.run_id = run_id
+            return
         from erase import __version__
 
         all_tags = {"erase.concept": concept, "erase.model": model, "erase.version": __version__, **tags}

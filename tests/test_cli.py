@@ -137,3 +137,31 @@ def test_import_reference_refuses_anything_but_tensors(tmp_path, capsys):
     assert code == 2 and "has 3 entries, the site has 24" in err
     code, _, err = run(capsys, "masks", "import-reference", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors"))
     assert code == 2 and "is not a directory" in err
+
+
+@pytest.mark.slow
+def test_eval_on_the_toy_world_gives_every_figure_with_an_interval(tmp_path, capsys):
+    mask = tmp_path / "circle.safetensors"
+    code, _, err = run(capsys, "train", "--concept", "circle", "--steps", "30", "--out", str(mask), "--quiet")
+    assert code == 0, err
+    report_file = tmp_path / "circle.html"
+    code, out, err = run(capsys, "eval", "--mask", str(mask), "--json", "--seeds-per-prompt", "1",
+                         "--attack-prompts", "2", "--attack-steps", "3", "--report", str(report_file))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["concept"] == "circle"  # read from the mask file
+    for key in ("erasure_rate", "preservation", "neutral_fidelity", "rephrase_erasure_rate", "attack_success_rate"):
+        figure = report[key]
+        assert {"value", "n", "low", "high"} <= set(figure), key
+        assert figure["n"] > 0 and figure["low"] <= figure["value"] <= figure["high"], (key, figure)
+    assert report["attack_success_rate"]["n"] == 2
+    assert report["detector"]["detector"] == "toy" and len(report["detector"]["weights_sha256"]) == 64
+    assert report_file.read_text().count("data:image/png;base64,") >= 16
+
+
+def test_eval_base_model_without_a_mask(capsys):
+    code, out, err = run(capsys, "eval", "--concept", "circle", "--json", "--seeds-per-prompt", "1")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["erasure_rate"]["value"] == report["base_rate"]["value"] == report["detection"]["circle"]
+    assert report["preservation"]["value"] == 1.0 and "neutral_fidelity" not in report

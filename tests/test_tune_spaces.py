@@ -42,5 +42,5 @@ def test_bad_space_files_name_the_file_and_the_problem(tmp_path, text, message):
 
 
 def test_unknown_space_name_lists_the_shipped_ones():
-    with pytest.raises(SpaceError, match="shipped: default, flux_nudity, toy_fast"):
+    with pytest.raises(SpaceError, match="shipped: concept_graph, default, flux_nudity, toy_fast"):
         load_space("nope", SETTINGS)
