@@ -8,6 +8,7 @@ last good mask.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -15,10 +16,14 @@ import time
 
 from pipelines import MODELS, SITE_GROUPS
 
-EXAMPLES = """examples:
+EXAMPLES = """examples (the toy world is the default model):
+  erase sweep                                            a small sweep for 'circle' on a local Ray
+  erase sweep --concepts circle,red --trials 8 --address auto
+  erase promote --concept circle                         best run -> registry, alias production
+  erase masks apply models:/erase-toy-circle@production --prompt "a red circle" --out circle.png
+  erase train --concept circle && erase eval --mask toy-circle.safetensors --report circle.html
+  erase graph                                            concept graph of the toy world's objects
   erase sites --model flux.1-schnell --json
-  erase train --model flux.1-schnell --model-path ./FLUX.1-schnell --concept "Van Gogh" --out vangogh.safetensors
-  erase bench --json
   erase masks import-reference ./reference_masks --model flux.1-schnell --out nudity.safetensors
 """
 
@@ -169,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="erasure, preservation, fidelity and robustness figures of a mask, with a report",
                        description="Generate from fixed prompts and seeds with and without the mask, run a detector, and "
-                       "report (each with n and a 95%% interval): erasure_rate, preservation, neutral_fidelity, "
+                       "report (each with n and a 95% interval): erasure_rate, preservation, neutral_fidelity, "
                        "rephrase_erasure_rate, attack_success_rate, adversarial sets, CLIP score and FID where "
                        "available. The toy world brings its own prompts and detector; for FLUX.1 pass --prompts "
                        "and a --detector. With --address the generation and detection run as Ray Data actor pools.",
@@ -482,7 +487,12 @@ def cmd_eval(args) -> int:
         run_stages = lambda r: run_eval_stages(r, settings.generate_kwargs(), settings.detector,  # noqa: E731
                                                actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                                                batch_size=args.batch_size, device=args.device)
-    report, results = evaluate(settings, rows, run_stages=run_stages, progress=not args.json)
+    with _ray_output_off_stdout(args.json and run_stages is not None):
+        try:
+            report, results = evaluate(settings, rows, run_stages=run_stages, progress=not args.json)
+        finally:
+            if run_stages is not None:
+                ray.shutdown()
     attack_images = report.pop("_attack_images", None)
     if provenance:
         report["mask"] = provenance
@@ -579,23 +589,11 @@ def cmd_sweep(args) -> int:
         print(f"sweep {specs[0].sweep_id}: {len(specs)} stud{'y' if len(specs) == 1 else 'ies'} "
               f"({', '.join(s.concept for s in specs)}), space {specs[0].space}, {specs[0].trials} trials each; "
               f"state in {os.path.join(os.path.abspath(specs[0].storage), specs[0].sweep_id)}", flush=True)
-    shown = {}
-
-    def show(progress):
-        for p in progress:
-            best = p.get("best")
-            line = (f"  {p['concept']}: {p['running']} running, {p['done']}/{p['total']} done"
-                    + (f", {p['errored']} errored" if p.get("errored") else "")
-                    + (f"; best score {best['score']:.3f} (erasure_rate {best['erasure_rate']:.3f}, preservation "
-                       f"{best['preservation']:.3f}, step {best['step']})" if best else ""))
-            if shown.get(p["concept"]) != line:
-                shown[p["concept"]] = line
-                print(time.strftime("%H:%M:%S") + line, flush=True)
-
-    summaries = run_sweep(specs, address=args.address, on_progress=None if args.json else show)
+    with _ray_output_off_stdout(args.json):
+        summaries = run_sweep(specs, address=args.address, on_progress=None if args.json else _progress_printer())
     if args.json:
         print(json.dumps(summaries, indent=2, default=str))
-        return 0
+        return _no_trial_finished(summaries)
     for summary in summaries:
         print(f"\n{summary['concept']}: objective {summary['objective']}")
         print(f"  {'trial':<28} {'status':<9} {'score':>6} {'erasure':>8} {'preserv.':>8} {'step':>5}")
@@ -612,8 +610,58 @@ def cmd_sweep(args) -> int:
         else:
             print("  no trial finished")
         print(f"  Optuna study {summary['optuna_study']} in {summary['optuna_storage']}")
+    if _no_trial_finished(summaries):
+        return 1
     print(f"\npromote the best with: erase promote --concept {summaries[0]['concept']} --sweep {specs[0].sweep_id}")
     return 0
+
+
+def _progress_printer():
+    """A sweep's on_progress callback: one timestamped line per study whenever its line changes."""
+    shown = {}
+
+    def show(progress):
+        for p in progress:
+            best = p.get("best")
+            line = (f"  {p['concept']}: {p['running']} running, {p['done']}/{p['total']} done"
+                    + (f", {p['errored']} errored" if p.get("errored") else "")
+                    + (f"; best score {best['score']:.3f} (erasure_rate {best['erasure_rate']:.3f}, preservation "
+                       f"{best['preservation']:.3f}, step {best['step']})" if best else ""))
+            if shown.get(p["concept"]) != line:
+                shown[p["concept"]] = line
+                print(time.strftime("%H:%M:%S") + line, flush=True)
+
+    return show
+
+
+@contextlib.contextmanager
+def _ray_output_off_stdout(enabled: bool = True):
+    """Send this process's stdout (file descriptor 1) to stderr while Ray runs.
+
+    A Ray driver prints raylet warnings on stdout even with log_to_driver=False; with --json,
+    stdout must hold the JSON alone.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _no_trial_finished(summaries: list[dict]) -> int:
+    """1 (and say where to look) when a study has no finished trial: a sweep that produced nothing is a failure."""
+    empty = [s for s in summaries if not s.get("best")]
+    for s in empty:
+        print(f"erase: error: no trial of {s['concept']!r} finished; the errors are in "
+              f"{os.path.join(s['study_dir'], 'study.log')}", file=sys.stderr)
+    return 1 if empty else 0
 
 
 def cmd_graph(args) -> int:
@@ -633,10 +681,11 @@ def cmd_graph(args) -> int:
                  tracking_uri=args.tracking_uri, report_every=1000, detector={"name": "toy"})
     if not args.json:
         print(f"concept graph {specs[0].sweep_id}: erasing {', '.join(concepts)} (space {args.space})", flush=True)
-    summaries = run_sweep(specs, address=args.address)
+    with _ray_output_off_stdout(args.json):
+        summaries = run_sweep(specs, address=args.address, on_progress=None if args.json else _progress_printer())
     masks = {}
     for summary in summaries:
-        if "best" not in summary or not summary["best"].get("mask_file"):
+        if not summary.get("best") or not summary["best"].get("mask_file"):
             raise ValueError(f"the erasure of {summary['concept']!r} did not finish; see {summary['study_dir']}")
         masks[summary["concept"]] = summary["best"]["mask_file"]
     rows = [r for r in toy_rows(None, args.seeds_per_prompt) if r["concept"] in concepts]

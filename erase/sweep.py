@@ -2,7 +2,7 @@
 
     driver (erase sweep)             one subprocess per concept           per trial
     ------------------------         ---------------------------          ------------------------------
-    ray.init / connect               ray.init(address)                    Tune function trainable
+    ray.init (local, or --address)   ray.init(address)                    Tune function trainable
     MLflow experiments               Tuner(OptunaSearch, ASHA)            -> TorchTrainer, 1 worker
     live progress, final tables      (or Tuner.restore on --resume)       -> the MCE recipe (erase.train)
 
@@ -297,6 +297,7 @@ class ProgressFile:
 
         class _Callback(tune.Callback):
             def on_trial_start(self, iteration, trials, trial, **info):
+                progress.started.add(trial.trial_id)
                 progress.write(trials)
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -313,6 +314,7 @@ class ProgressFile:
         self.path, self.concept, self.total = path, concept, trials
         self.ended: dict[str, str] = {}  # Tune calls back before it updates a trial's status
         self.best: dict | None = None
+        self.started: set[str] = set()
         self.callback = _Callback()
 
     def write(self, trials) -> None:
@@ -322,7 +324,7 @@ class ProgressFile:
                 self.best = {"score": r["score"], "erasure_rate": r.get("erasure_rate"),
                              "preservation": r.get("preservation"), "trial": t.trial_id, "step": r.get("step")}
         best = self.best
-        running = sum(1 for t in trials if t.status == "RUNNING" and t.trial_id not in self.ended)
+        running = len(self.started - set(self.ended))
         ended = list(self.ended.values())
         info = {"concept": self.concept, "total": self.total, "running": running, "done": ended.count("done"),
                 "errored": ended.count("errored"), "best": best, "time": time.time()}
@@ -488,6 +490,7 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
 
 
 def _start_ray(address: str | None):
+    """Connect to --address, or start a Ray head inside this process for the sweep's lifetime."""
     import logging
 
     import ray
@@ -499,90 +502,103 @@ def _start_ray(address: str | None):
         # a small machine: more logical CPUs than cores, so that Ray Data and the trial drivers find
         # room next to the Train workers; a small object store (prompt sets are tiny)
         cores = os.cpu_count() or 2
-        ray.init(num_cpus=max(4, 2 * cores), object_store_memory=256 * 2**20, log_to_driver=False,
-                 logging_level=logging.ERROR)
+        # address="local": always a new head, never a stray cluster some earlier run left behind
+        ray.init(address="local", num_cpus=max(4, 2 * cores), object_store_memory=256 * 2**20,
+                 log_to_driver=False, logging_level=logging.ERROR)
     return ray
 
 
-def _slots(ray, specs: list[SweepSpec], workers_per_trial: int, cpus_per_worker: float) -> tuple[bool, int]:
-    """(use GPUs?, concurrent trials in all): one trial per GPU, else per CPU core of this machine."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+def _slots(resources: dict, workers_per_trial: int, cpus_per_worker: float, local: bool) -> tuple[bool, int]:
+    """(use GPUs?, concurrent trials in all): one trial per GPU, else one per CPU core (of this machine
+    when Ray runs locally with more logical CPUs than cores)."""
+    gpus = int(resources.get("GPU", 0))
     if gpus > 0:
         return True, max(1, gpus // workers_per_trial)
-    if ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-    else:
-        cpus = os.cpu_count() or 1
+    cpus = (os.cpu_count() or 1) if local else int(resources.get("CPU", 1))
     return False, max(1, int(cpus // (cpus_per_worker * workers_per_trial)))
 
 
 def run_sweep(specs: list[SweepSpec], *, address: str | None = None, on_progress=None, poll: float = 2.0) -> list[dict]:
-    """Run every concept's study (concurrently, as subprocesses on one Ray cluster); returns their summaries.
+    """Run every concept's study as a subprocess on one Ray cluster; returns their summaries.
 
-    On Ctrl-C every study saves its state; `erase sweep --resume ID` continues without losing finished trials.
+    The trial slots (GPUs, or CPU cores locally) are shared out: with at least as many slots as
+    studies all studies run at once; with more studies than slots, `slots` studies run at a time
+    with one trial each, and the next starts when one ends. On Ctrl-C every running study saves
+    its state; `erase sweep --resume ID` continues without losing finished trials.
     """
     from erase.tracking import connect, ensure_experiment
 
+    if "://" in specs[0].storage:
+        raise SweepError("the driver keeps study specs and logs in a local --storage folder; on a cluster use a "
+                         "shared filesystem path such as /mnt/erase/sweeps (see the README)")
     uri = connect(specs[0].tracking_uri)
     for spec in specs:
         spec.tracking_uri = uri
         ensure_experiment(spec.model, spec.concept)  # once, here: SQLite schema creation is not multi-process safe
     ray = _start_ray(address)
     try:
-        use_gpu, slots = _slots(ray, specs, specs[0].workers_per_trial, specs[0].cpus_per_worker)
-        children = []
-        for spec in specs:
+        use_gpu, slots = _slots(ray.cluster_resources(), specs[0].workers_per_trial, specs[0].cpus_per_worker,
+                                local=address is None)
+        at_once = min(len(specs), slots)
+        for spec in specs:  # every spec on disk first: a resumed sweep finds the studies that had not started too
             spec.use_gpu = use_gpu
             spec.max_concurrent = max(1, slots // len(specs))
-            if "://" in spec.storage:
-                raise SweepError("the driver keeps study specs and logs in a local --storage folder; for s3:// "
-                                 "run each study with a shared filesystem path (see the README)")
             os.makedirs(spec.study_dir, exist_ok=True)
-            spec_file = os.path.join(spec.study_dir, "spec.json")
-            with open(spec_file, "w") as f:
+            with open(os.path.join(spec.study_dir, "spec.json"), "w") as f:
                 json.dump(dataclasses.asdict(spec), f, indent=2)
-            for stale in ("summary.json", "progress.json"):
-                if os.path.exists(os.path.join(spec.study_dir, stale)):
-                    os.remove(os.path.join(spec.study_dir, stale))
-            log = open(os.path.join(spec.study_dir, "study.log"), "a")
-            env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-            children.append((spec, log, subprocess.Popen([sys.executable, "-m", "erase.sweep", spec_file],
-                                                         stdout=log, stderr=subprocess.STDOUT, env=env)))
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+        waiting, running, ended = list(specs), [], []
         interrupted = False
         try:
-            while any(proc.poll() is None for _, _, proc in children):
+            while waiting or running:
+                while waiting and len(running) < at_once:
+                    running.append(_start_study(waiting.pop(0), env))
+                for child in [c for c in running if c[2].poll() is not None]:
+                    running.remove(child)
+                    ended.append(child)
                 if on_progress is not None:
                     on_progress(_read_progress(specs))
                 time.sleep(poll)
         except KeyboardInterrupt:
             interrupted = True
-            for _, _, proc in children:  # a Ctrl-C at a terminal reaches them already; a signal to us alone does not
+            for _, _, proc in running:  # a Ctrl-C at a terminal reaches them already; a signal to us alone does not
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)
-            for _, _, proc in children:
+            for _, _, proc in running:
                 try:
                     proc.wait(timeout=120)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            ended.extend(running)
         if on_progress is not None:
             on_progress(_read_progress(specs))
-        summaries = []
-        for spec, log, proc in children:
+        for _, log, _ in ended:
             log.close()
+        if interrupted:
+            raise KeyboardInterrupt(f"sweep {specs[0].sweep_id} interrupted; every study saved its state. Continue "
+                                    f"with: erase sweep --resume {specs[0].sweep_id} --storage {specs[0].storage}")
+        summaries = []
+        for spec, log, proc in sorted(ended, key=lambda c: specs.index(c[0])):
             summary_file = os.path.join(spec.study_dir, "summary.json")
-            if interrupted:
-                continue
             if proc.returncode != 0 or not os.path.isfile(summary_file):
                 raise SweepError(f"the study for {spec.concept!r} failed (exit {proc.returncode}); its log: "
                                  f"{os.path.join(spec.study_dir, 'study.log')}:\n{_tail(log.name)}")
             with open(summary_file) as f:
                 summaries.append(json.load(f))
-        if interrupted:
-            raise KeyboardInterrupt(f"sweep {specs[0].sweep_id} interrupted; every study saved its state. Continue "
-                                    f"with: erase sweep --resume {specs[0].sweep_id} --storage {specs[0].storage}")
         return summaries
     finally:
         ray.shutdown()
+
+
+def _start_study(spec: SweepSpec, env: dict):
+    """Start a study's process (its spec.json is written); returns (spec, log file, process)."""
+    spec_file = os.path.join(spec.study_dir, "spec.json")
+    for stale in ("summary.json", "progress.json"):
+        if os.path.exists(os.path.join(spec.study_dir, stale)):
+            os.remove(os.path.join(spec.study_dir, stale))
+    log = open(os.path.join(spec.study_dir, "study.log"), "a")
+    return spec, log, subprocess.Popen([sys.executable, "-m", "erase.sweep", spec_file], stdout=log,
+                                       stderr=subprocess.STDOUT, env=env)
 
 
 def _read_progress(specs: list[SweepSpec]) -> list[dict]:

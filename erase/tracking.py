@@ -68,7 +68,9 @@ def connect(uri: str | None = None) -> str:
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     elif uri.startswith("sqlite:///"):
-        folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
+        # absolute: Ray workers and study processes run in other working directories
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        folder = os.path.dirname(uri[len("sqlite:///"):])
         if not os.path.isdir(folder):
             raise TrackingError(f"tracking database folder {folder!r} does not exist; create it or pick another "
                                 "--tracking-uri")

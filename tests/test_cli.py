@@ -165,3 +165,27 @@ def test_eval_base_model_without_a_mask(capsys):
     report = json.loads(out)
     assert report["erasure_rate"]["value"] == report["base_rate"]["value"] == report["detection"]["circle"]
     assert report["preservation"]["value"] == 1.0 and "neutral_fidelity" not in report
+
+
+def test_a_sweep_in_which_no_trial_finished_is_a_failure(capsys):
+    from erase.cli import _no_trial_finished
+
+    finished = {"concept": "circle", "study_dir": "/s/circle", "best": {"score": 0.5}}
+    nothing = {"concept": "red", "study_dir": "/s/red", "best": None}
+    assert _no_trial_finished([finished]) == 0
+    assert _no_trial_finished([finished, nothing]) == 1
+    err = capsys.readouterr().err
+    assert "no trial of 'red' finished" in err and "/s/red/study.log" in err and "circle" not in err
+
+
+def test_ray_output_goes_to_stderr_while_json_is_kept_for_stdout():
+    # Ray's driver writes raylet warnings to file descriptor 1; a subprocess shows what reaches each stream
+    import subprocess
+    import sys
+
+    code = ("import os\nfrom erase.cli import _ray_output_off_stdout\n"
+            "with _ray_output_off_stdout(True):\n    os.write(1, b'(raylet) WARNING\\n')\n"
+            "print('[1, 2]')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [1, 2] and "(raylet) WARNING" in done.stderr

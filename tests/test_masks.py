@@ -59,6 +59,26 @@ def test_folded_binary_masks_equal_hooked(tiny, random_logits):
     assert not torch.equal(folded, _run(tiny))
 
 
+def test_several_masks_fold_as_their_product(tiny, random_logits):
+    """Two concepts' masks at once: folding their product equals hooking both, and removes the union."""
+    from erase.masks import combine_binary
+
+    sites = tiny.mask_sites()
+    ffn_sites = [s for s in sites if s.group == "ffn"]
+    first = binarize(random_logits(sites, seed=3))
+    second = binarize(random_logits(ffn_sites, seed=4))  # covers fewer sites: the rest count as kept
+    combined_sites, combined = combine_binary([(sites, first), (ffn_sites, second)])
+    for s in ffn_sites:
+        assert torch.equal(combined[s.name], first[s.name] * second[s.name])
+    removed = sum(int((v == 0).sum()) for v in combined.values())
+    assert removed > sum(int((v == 0).sum()) for v in first.values())
+    with MaskHooks(tiny.transformer, sites, first), MaskHooks(tiny.transformer, ffn_sites, second):
+        both_hooked = _run(tiny)
+    folded_model = copy.deepcopy(tiny.transformer)
+    fold_into_weights(folded_model, combined_sites, combined)
+    torch.testing.assert_close(_run(tiny, folded_model), both_hooked, rtol=1e-5, atol=1e-5)
+
+
 def test_dropping_masked_ffn_neurons_equals_hooked_and_shrinks(tiny, random_logits):
     sites = tiny.mask_sites()
     binary = binarize(random_logits(sites, seed=2))

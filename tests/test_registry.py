@@ -200,6 +200,15 @@ def test_a_server_that_does_not_answer(capsys):
     assert code == 2 and "does not answer" in err and time.time() - started < 30
 
 
+def test_a_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
+    # Ray workers run in another working directory: they must open the same database file
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "restored-after-the-test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = connect("sqlite:///runs.db")
+    assert uri == f"sqlite:///{tmp_path / 'runs.db'}" and os.environ["MLFLOW_TRACKING_URI"] == uri
+
+
 def _log_many(uri, concept, index, queue):
     try:
         logger = RunLogger(uri, MODEL, concept, run_name=f"writer-{index}", params={"i": index}, tags={})

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from erase.sweep import SweepError, plan, run_sweep, score
+from erase.sweep import SweepError, _slots, plan, run_sweep, score
 from erase.prompts import PromptError
 
 TINY_SPACE = """
@@ -46,6 +46,15 @@ def test_plan_checks_the_request(tmp_path):
         plan("toy", ["circle"], str(seeded), 3, str(tmp_path / "s"))
     with pytest.raises(SweepError, match="no sweep 'nope'"):
         plan("toy", [], str(space), 3, str(tmp_path / "s"), resume="nope")
+
+
+def test_trial_slots_are_gpus_on_a_gpu_cluster_and_cores_locally():
+    assert _slots({"GPU": 8.0, "CPU": 64.0}, workers_per_trial=1, cpus_per_worker=1, local=False) == (True, 8)
+    assert _slots({"GPU": 8.0, "CPU": 64.0}, workers_per_trial=2, cpus_per_worker=1, local=False) == (True, 4)
+    assert _slots({"GPU": 1.0}, workers_per_trial=2, cpus_per_worker=1, local=False) == (True, 1)
+    assert _slots({"CPU": 16.0}, workers_per_trial=1, cpus_per_worker=2, local=False) == (False, 8)
+    # a local head advertises more logical CPUs than cores: slots follow the real cores
+    assert _slots({"CPU": 99.0}, workers_per_trial=1, cpus_per_worker=1, local=True) == (False, os.cpu_count() or 1)
 
 
 def _runs(db, concept):
@@ -121,6 +130,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_without_redoing_trials(tmp_pat
                               str(tmp_path / "sweeps"), "--json"], cwd=tmp_path, capture_output=True, text=True,
                              env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.lstrip().startswith("["), resumed.stdout[:3000]
     (summary,) = json.loads(resumed.stdout)
     assert len(summary["trials"]) == 3 and all(t["status"] in ("finished", "stopped") for t in summary["trials"])
     client, after = _runs(tmp_path / "mlflow.db", "circle")
