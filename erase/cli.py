@@ -589,8 +589,8 @@ def cmd_sweep(args) -> int:
         print(f"sweep {specs[0].sweep_id}: {len(specs)} stud{'y' if len(specs) == 1 else 'ies'} "
               f"({', '.join(s.concept for s in specs)}), space {specs[0].space}, {specs[0].trials} trials each; "
               f"state in {os.path.join(os.path.abspath(specs[0].storage), specs[0].sweep_id)}", flush=True)
-    with _ray_output_off_stdout(args.json):
-        summaries = run_sweep(specs, address=args.address, on_progress=None if args.json else _progress_printer())
+    with _ray_output_off_stdout() as out:
+        summaries = run_sweep(specs, address=args.address, on_progress=None if args.json else _progress_printer(out))
     if args.json:
         print(json.dumps(summaries, indent=2, default=str))
         return _no_trial_finished(summaries)
@@ -616,8 +616,8 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def _progress_printer():
-    """A sweep's on_progress callback: one timestamped line per study whenever its line changes."""
+def _progress_printer(out):
+    """A sweep's on_progress callback: one timestamped line per study on `out` whenever its line changes."""
     shown = {}
 
     def show(progress):
@@ -629,30 +629,31 @@ def _progress_printer():
                        f"{best['preservation']:.3f}, step {best['step']})" if best else ""))
             if shown.get(p["concept"]) != line:
                 shown[p["concept"]] = line
-                print(time.strftime("%H:%M:%S") + line, flush=True)
+                print(time.strftime("%H:%M:%S") + line, file=out, flush=True)
 
     return show
 
 
 @contextlib.contextmanager
 def _ray_output_off_stdout(enabled: bool = True):
-    """Send this process's stdout (file descriptor 1) to stderr while Ray runs.
+    """Send file descriptor 1 to stderr while Ray runs; yields a stream to the real stdout.
 
-    A Ray driver prints raylet warnings on stdout even with log_to_driver=False; with --json,
-    stdout must hold the JSON alone.
+    A Ray driver prints raylet warnings on stdout even with log_to_driver=False; stdout is
+    for our progress lines and, with --json, for the JSON alone.
     """
     if not enabled:
-        yield
+        yield sys.stdout
         return
     sys.stdout.flush()
-    saved = os.dup(1)
+    real_stdout = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     try:
-        yield
+        yield real_stdout
     finally:
         sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+        real_stdout.flush()
+        os.dup2(real_stdout.fileno(), 1)
+        real_stdout.close()
 
 
 def _no_trial_finished(summaries: list[dict]) -> int:
@@ -681,8 +682,8 @@ def cmd_graph(args) -> int:
                  tracking_uri=args.tracking_uri, report_every=1000, detector={"name": "toy"})
     if not args.json:
         print(f"concept graph {specs[0].sweep_id}: erasing {', '.join(concepts)} (space {args.space})", flush=True)
-    with _ray_output_off_stdout(args.json):
-        summaries = run_sweep(specs, address=args.address, on_progress=None if args.json else _progress_printer())
+    with _ray_output_off_stdout() as out:
+        summaries = run_sweep(specs, address=args.address, on_progress=None if args.json else _progress_printer(out))
     masks = {}
     for summary in summaries:
         if not summary.get("best") or not summary["best"].get("mask_file"):

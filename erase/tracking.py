@@ -37,11 +37,9 @@ def quiet_mlflow() -> None:
     """No telemetry, no run links on stdout, and fail in seconds (not minutes) when a server is down."""
     for key, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"),
                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
-                       ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+                       ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
+                       ("MLFLOW_LOGGING_LEVEL", "WARNING")):  # not "Creating initial MLflow database tables"
         os.environ.setdefault(key, value)
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # e.g. "Creating initial MLflow database tables"
 
 
 def default_tracking_uri() -> str:

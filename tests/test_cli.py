@@ -184,8 +184,9 @@ def test_ray_output_goes_to_stderr_while_json_is_kept_for_stdout():
     import sys
 
     code = ("import os\nfrom erase.cli import _ray_output_off_stdout\n"
-            "with _ray_output_off_stdout(True):\n    os.write(1, b'(raylet) WARNING\\n')\n"
-            "print('[1, 2]')\n")
+            "with _ray_output_off_stdout() as out:\n    os.write(1, b'(raylet) WARNING\\n')\n"
+            "    print('[1,', file=out)\n"
+            "print('2]')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [1, 2] and "(raylet) WARNING" in done.stderr
