@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -161,3 +162,80 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
             "neighbour_preservation": kept, "neighbour_mean": sum(kept.values()) / len(kept),
             "seconds": round(result.seconds, 1), "learnt_target": result.learnt_target}
     return out
+
+
+# ---------------------------------------------------------------- search efficiency (sweeps)
+
+GRID_BETAS = (0.1, 0.01, 1e-3, 1e-4, 1e-5)  # the reference code's hand-written grid, times the learning rates
+
+
+def _best_so_far(points: list[dict]) -> list[dict]:
+    """[{steps, score}] in the order spent -> [{steps: cumulative, best: best score so far}]."""
+    curve, spent, best = [], 0, float("-inf")
+    for p in points:
+        spent += int(p["steps"])
+        best = max(best, p["score"] if p["score"] is not None else float("-inf"))
+        curve.append({"steps": spent, "best": best if best > float("-inf") else None})
+    return curve
+
+
+def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: int = 10, storage: str,
+                   tracking_uri: str | None = None, progress: bool = True) -> dict:
+    """The best objective as a function of erasure steps spent: the reference code's grid
+    (GRID_BETAS x `lrs`, each run to `steps`) against `erase sweep` (Optuna + ASHA, `trials`
+    trials in the same box). Same objective, evaluation prompts and seeds; only optimisation
+    steps count as compute (both evaluate; the sweep more often, to let ASHA stop trials)."""
+    import tempfile
+
+    from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, toy_rows
+    from erase.prompts import toy_prompt_sets
+    from erase.sweep import plan, run_sweep, score
+    from erase.train import TrainConfig, train
+    from pipelines import load_generator
+
+    gen = load_generator("toy")
+    detect = DetectStage({"name": "toy"})
+    erase_prompts, neutral = toy_prompt_sets(concept)
+    rows = toy_rows(concept, seeds_per_prompt=1)  # the sweep's evaluation rows
+    base_cache: dict = {}
+    grid = []
+    for beta in GRID_BETAS:
+        for lr in lrs:
+            cfg = TrainConfig(concept=concept, beta=beta, lr_ffn=lr, lr_norm=lr, steps=steps, batch_size=4,
+                              sites=("ffn", "norm"))
+            result = train(gen, cfg, erase_prompts, neutral, progress=progress)
+            stage = GenerateStage(gen=gen, masks=(result.masks.sites, result.masks.binary()))
+            stage.base_cache = base_cache
+            found, _ = evaluate(EvalSettings(concept=concept, attack=None), rows, stages=(stage, detect))
+            erasure, base, kept = (found["erasure_rate"]["value"], found["base_rate"]["value"],
+                                   found["preservation"]["value"])
+            grid.append({"config": {"beta": beta, "lr": lr}, "steps": steps, "erasure_rate": erasure,
+                         "preservation": kept, "score": score(erasure, base or 0.0, kept or 0.0)})
+    space = {"description": "compare_search: the grid's box", "fixed": {"batch_size": 4, "sites": "ffn,norm",
+                                                                         "steps": steps},
+             "search": {"beta": {"distribution": "loguniform", "low": min(GRID_BETAS), "high": max(GRID_BETAS)}}}
+    for name in ("lr_ffn", "lr_norm"):
+        if min(lrs) < max(lrs):
+            space["search"][name] = {"distribution": "loguniform", "low": min(lrs), "high": max(lrs)}
+        else:  # one learning rate: nothing to search
+            space["fixed"][name] = lrs[0]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        json.dump(space, f)  # JSON is YAML
+    grace = max(1, steps // 5)
+    specs = plan("toy", [concept], f.name, trials, storage, tracking_uri=tracking_uri, report_every=grace,
+                 grace_steps=grace, detector={"name": "toy"})
+    (summary,) = run_sweep(specs)
+    os.unlink(f.name)
+    done = sorted(summary["trials"], key=lambda t: t.get("ended_at") or 0)
+    sweep = [{"config": t["config"], "steps": t["step"] or 0, "status": t["status"], "erasure_rate": t["erasure_rate"],
+              "preservation": t["preservation"], "score": t["score"]} for t in done]
+    grid_curve, sweep_curve = _best_so_far(grid), _best_so_far(sweep)
+    grid_best, grid_steps = grid_curve[-1]["best"], grid_curve[-1]["steps"]
+    reached = next((p["steps"] for p in sweep_curve if p["best"] is not None and grid_best is not None
+                    and p["best"] >= grid_best), None)
+    return {"concept": concept, "steps_per_run": steps, "grid": {"runs": grid, "curve": grid_curve},
+            "optuna_asha": {"runs": sweep, "curve": sweep_curve, "sweep_id": summary["sweep_id"],
+                            "sweep_cost": summary.get("sweep_cost")},
+            "grid_best": grid_best, "grid_steps": grid_steps, "optuna_best": sweep_curve[-1]["best"] if sweep else None,
+            "optuna_steps": sweep_curve[-1]["steps"] if sweep else 0, "optuna_steps_to_grid_best": reached,
+            "bar_met": reached is not None and reached <= grid_steps / 3}

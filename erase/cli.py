@@ -229,7 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "of its three nearest neighbours in the concept graph")
     p.add_argument("--graph", metavar="JSON", help="with --targets: the concept graph (erase graph's graph.json) that "
                    "names the neighbours (default: docs/concept_graph/graph.json)")
-    p.add_argument("--train-steps", type=int, default=400, help="with --targets: optimisation steps per erasure")
+    p.add_argument("--search", metavar="CONCEPT", help="instead: the best objective against erasure steps spent, "
+                   "the reference code's grid (beta in 0.1..1e-5 times --lrs) against erase sweep (Optuna + ASHA, "
+                   "--trials trials in the same box), erasing this toy-world concept")
+    p.add_argument("--lrs", default="0.5,1.0", help="with --search: the grid's learning rates (lr_ffn = lr_norm)")
+    p.add_argument("--trials", type=int, default=10, help="with --search: the sweep's trials")
+    p.add_argument("--storage", default="erase-sweeps", help="with --search: the sweep's state folder")
+    p.add_argument("--tracking-uri", help="with --search: MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--train-steps", type=int, help="optimisation steps per erasure (default: 400 with --targets, "
+                   "100 with --search)")
     p.add_argument("--json", action="store_true", help="print JSON with a list `rows` of {steps, checkpointing, seconds, peak_mb}")
 
     p = sub.add_parser("masks", help="mask files: import the reference code's masks, inspect a file")
@@ -610,6 +618,10 @@ def cmd_sweep(args) -> int:
         else:
             print("  no trial finished")
         print(f"  Optuna study {summary['optuna_study']} in {summary['optuna_storage']}")
+    cost = summaries[0].get("sweep_cost") or {}
+    if cost.get("overhead"):
+        print(f"\nwall time {cost['wall_seconds']:.0f} s; the trials' own compute {cost['trial_compute_seconds']:.0f} s "
+              f"on {cost['slots']} slot(s): orchestration overhead x{cost['overhead']:.2f} (1.00 = none)")
     if _no_trial_finished(summaries):
         return 1
     print(f"\npromote the best with: erase promote --concept {summaries[0]['concept']} --sweep {specs[0].sweep_id}")
@@ -744,6 +756,8 @@ def cmd_bench(args) -> int:
 
     if args.targets:
         return _bench_targets(args)
+    if args.search:
+        return _bench_search(args)
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     if not steps or min(steps) < 1:
         raise ValueError(f"--steps takes positive step counts like 1,2,4,8, got {args.steps!r}")
@@ -774,7 +788,7 @@ def _bench_targets(args) -> int:
     if args.targets not in delta:
         raise ValueError(f"the concept graph in {path} has no row for {args.targets!r}; it has {', '.join(delta)}")
     neighbours = graph.nearest_neighbours(delta, args.targets, 3)
-    report = bench.compare_targets(args.targets, neighbours, steps=args.train_steps, progress=not args.json)
+    report = bench.compare_targets(args.targets, neighbours, steps=args.train_steps or 400, progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -787,6 +801,32 @@ def _bench_targets(args) -> int:
               + " ".join(f"{r['neighbour_preservation'][n]:>10.3f}" for n in neighbours) + f" {r['neighbour_mean']:>10.3f}")
         if r["learnt_target"]:
             print("            learnt target: " + ", ".join(f"{t['concept']} {t['weight']:.2f}" for t in r["learnt_target"]))
+    return 0
+
+
+def _bench_search(args) -> int:
+    from erase import bench
+    from pipelines import toy_world as world
+
+    concepts = [c for group in world.GROUPS.values() for c in group]
+    if args.search not in concepts:
+        raise ValueError(f"--search takes a toy-world concept ({', '.join(concepts)}), got {args.search!r}")
+    lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
+    if not lrs or min(lrs) <= 0 or args.trials < 1:
+        raise ValueError("--lrs takes positive learning rates like 0.5,1.0 and --trials a positive count")
+    with _ray_output_off_stdout():
+        report = bench.compare_search(args.search, steps=args.train_steps or 100, lrs=lrs, trials=args.trials,
+                                      storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    for name in ("grid", "optuna_asha"):
+        print(f"{name}: best objective after n erasure steps")
+        print("  " + "  ".join(f"{p['steps']}:{fmt(p['best'])}" for p in report[name]["curve"]))
+    print(f"grid best {fmt(report['grid_best'])} after {report['grid_steps']} steps; Optuna + ASHA best "
+          f"{fmt(report['optuna_best'])} after {report['optuna_steps']} steps; reached the grid's best after "
+          f"{report['optuna_steps_to_grid_best'] or 'never'} steps (bar: at most a third, {report['grid_steps'] / 3:.0f})")
     return 0
 
 

@@ -130,6 +130,7 @@ def worker_loop(config: dict) -> None:
     from erase.train import TrainingStopped, train
     from pipelines import load_generator
 
+    started = time.time()  # the trial's own compute: model load, training, evaluation (not Ray's scheduling)
     spec = SweepSpec(**config["spec"])
     cfg = TrainConfig(**config["train"])
     cfg.log_every = spec.report_every
@@ -140,13 +141,15 @@ def worker_loop(config: dict) -> None:
     gen = load_generator(spec.model, spec.model_path, dtype=spec.dtype, device=device, guidance=spec.guidance)
     sites = gen.mask_sites()
 
-    resume, run_id = None, None
+    resume, run_id, earlier_seconds = None, None, 0.0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
             with open(os.path.join(folder, "run.json")) as f:
-                run_id = json.load(f).get("mlflow_run_id")
+                saved = json.load(f)
+            run_id = saved.get("mlflow_run_id")
+            earlier_seconds = saved.get("metrics", {}).get("compute_seconds", 0.0)
 
     logger = None
     if rank == 0:
@@ -184,6 +187,7 @@ def worker_loop(config: dict) -> None:
         metrics["score"] = score(metrics["erasure_rate"], metrics["base_rate"] or 0.0, metrics["preservation"] or 0.0)
         metrics = {k: v for k, v in metrics.items() if v is not None}
         metrics["step"] = int(row["step"])
+        metrics["compute_seconds"] = earlier_seconds + time.time() - started
         with tempfile.TemporaryDirectory() as folder:
             mask_path = os.path.join(folder, "mask.safetensors")
             if rank == 0:
@@ -347,17 +351,17 @@ def _prompt_sets(spec: SweepSpec, fixed: dict):
 
     erase_first, neutral_first = first_seeds(TrainConfig(concept=spec.concept, seed=int(fixed.get("seed", 0))))
     noises = int(fixed.get("noises_per_prompt", 1))
-    if spec.model == "toy" and spec.prompts is None:
+    if spec.model == "toy":
         erase_list, neutral_list = default_prompt_sets("toy", spec.concept)
-        erase_ds = ray.data.from_items([{"prompt": p} for p in erase_list])
     else:
-        erase_ds = (read_prompt_dataset(spec.prompts, spec.prompt_column) if spec.prompts
-                    else ray.data.from_items([{"prompt": p} for p in concept_prompts(spec.concept)]))
-        erase_list = None
+        erase_list, neutral_list = concept_prompts(spec.concept), list(NEUTRAL_PROMPTS)
+    if spec.prompts:
+        erase_ds = read_prompt_dataset(spec.prompts, spec.prompt_column)
+    else:
+        erase_ds = ray.data.from_items([{"prompt": p} for p in erase_list])
     if spec.neutral_prompts:
         neutral_ds = read_prompt_dataset(spec.neutral_prompts, spec.prompt_column)
     else:
-        neutral_list = neutral_list if spec.model == "toy" else list(NEUTRAL_PROMPTS)
         neutral_ds = ray.data.from_items([{"prompt": p} for p in neutral_list])
     erase_ds = with_seeds(erase_ds, erase_first, noises).materialize()
     neutral_ds = with_seeds(neutral_ds, neutral_first, noises).materialize()
@@ -426,7 +430,8 @@ def run_study(spec: SweepSpec) -> dict:
         trials.append({"trial": r.path.rstrip("/").rsplit("/", 1)[-1], "config": r.config,
                        "status": "error" if r.error else ("finished" if m.get("final") else "stopped"),
                        **{k: m.get(k) for k in ("score", "erasure_rate", "preservation", "base_rate", "sparsity",
-                                                "step", "checkpoint_path")}})
+                                                "step", "compute_seconds", "checkpoint_path")},
+                       "ended_at": m.get("timestamp")})
     summary = {"concept": spec.concept, "sweep_id": spec.sweep_id, "space": spec.space, "trials": trials,
                "objective": SCORE_FORMULA, "study_dir": spec.study_dir,
                "optuna_storage": f"sqlite:///{os.path.join(spec.study_dir, 'optuna.db')}" if local else None,
@@ -535,6 +540,7 @@ def run_sweep(specs: list[SweepSpec], *, address: str | None = None, on_progress
     for spec in specs:
         spec.tracking_uri = uri
         ensure_experiment(spec.model, spec.concept)  # once, here: SQLite schema creation is not multi-process safe
+    started = time.time()
     ray = _start_ray(address)
     try:
         use_gpu, slots = _slots(ray.cluster_resources(), specs[0].workers_per_trial, specs[0].cpus_per_worker,
@@ -585,9 +591,25 @@ def run_sweep(specs: list[SweepSpec], *, address: str | None = None, on_progress
                                  f"{os.path.join(spec.study_dir, 'study.log')}:\n{_tail(log.name)}")
             with open(summary_file) as f:
                 summaries.append(json.load(f))
+        costs = orchestration(summaries, time.time() - started, at_once * max(1, specs[0].max_concurrent))
+        for summary in summaries:
+            summary["sweep_cost"] = costs
         return summaries
     finally:
         ray.shutdown()
+
+
+def orchestration(summaries: list[dict], wall_seconds: float, slots: int) -> dict:
+    """The sweep's wall time against its trials' own compute (model load, training, evaluation).
+
+    `overhead` = wall time / (trial compute / concurrent slots): 1.0 would be a sweep that cost
+    nothing beyond its trials; the rest is Ray's start-up and scheduling, worker start-up,
+    checkpointing and the idle tail of the last trials. (A resumed sweep counts this session's
+    wall time only.)
+    """
+    compute = sum(t.get("compute_seconds") or 0.0 for s in summaries for t in s["trials"])
+    return {"wall_seconds": round(wall_seconds, 1), "trial_compute_seconds": round(compute, 1), "slots": slots,
+            "overhead": round(wall_seconds / (compute / slots), 2) if compute > 0 else None}
 
 
 def _start_study(spec: SweepSpec, env: dict):

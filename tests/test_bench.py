@@ -14,3 +14,24 @@ def test_bench_rows_on_tiny_model():
         assert r["seconds"] > 0 and r["peak_mb"] >= 0
     assert set(report["ratios"]["time_checkpointed_over_plain"]) == {"1", "2"}
     assert "peak_checkpointed_2_over_1_steps" in report["ratios"]
+
+
+def test_best_so_far_counts_steps_and_keeps_the_best():
+    curve = bench._best_so_far([{"steps": 10, "score": 0.2}, {"steps": 5, "score": None}, {"steps": 20, "score": 0.1},
+                                {"steps": 10, "score": 0.4}])
+    assert curve == [{"steps": 10, "best": 0.2}, {"steps": 15, "best": 0.2}, {"steps": 35, "best": 0.2},
+                     {"steps": 45, "best": 0.4}]
+    assert bench._best_so_far([{"steps": 3, "score": None}]) == [{"steps": 3, "best": None}]
+
+
+@pytest.mark.slow
+def test_search_comparison_runs_the_grid_and_a_sweep_on_the_same_box(tmp_path):
+    report = bench.compare_search("circle", steps=4, lrs=(0.5,), trials=2, storage=str(tmp_path / "sweeps"),
+                                  tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
+    assert [r["config"]["beta"] for r in report["grid"]["runs"]] == list(bench.GRID_BETAS)
+    assert report["grid_steps"] == 5 * 4 and report["grid"]["curve"][-1]["best"] == report["grid_best"]
+    assert len(report["optuna_asha"]["runs"]) == 2
+    assert all(1e-5 <= r["config"]["beta"] <= 0.1 for r in report["optuna_asha"]["runs"])
+    bests = [p["best"] for p in report["optuna_asha"]["curve"] if p["best"] is not None]
+    assert bests == sorted(bests) and report["optuna_steps"] <= 2 * 4
+    assert report["optuna_asha"]["sweep_cost"]["wall_seconds"] > 0

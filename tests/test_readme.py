@@ -21,3 +21,11 @@ def test_ci_runs_exactly_the_readme_test_command():
     _, tests = _readme_commands()
     ci = ROOT.joinpath(".ci", "run").read_text().splitlines()
     assert tests in [line.strip() for line in ci if not line.lstrip().startswith("#")]
+
+
+def test_no_figure_is_left_as_a_placeholder():
+    import re
+
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        left = re.findall(r"\b[A-Z]+_(?:FIGURES?|MINUTES|TRIALS|DEFAULTS)\b", page.read_text())
+        assert not left, f"{page.name} still has placeholders {left}: run the commands beside them and fill them in"

@@ -136,3 +136,13 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_without_redoing_trials(tmp_pat
     client, after = _runs(tmp_path / "mlflow.db", "circle")
     assert finished_before <= {r.info.run_id for r in after if r.info.status == "FINISHED"}
     assert len(after) == 3  # the interrupted trial went on in its own run; nothing ran twice
+
+
+def test_orchestration_overhead_compares_wall_time_with_trial_compute_per_slot():
+    from erase.sweep import orchestration
+
+    summaries = [{"trials": [{"compute_seconds": 100.0}, {"compute_seconds": 100.0}]},
+                 {"trials": [{"compute_seconds": 200.0}, {"compute_seconds": None}]}]
+    cost = orchestration(summaries, wall_seconds=300.0, slots=2)
+    assert cost["trial_compute_seconds"] == 400.0 and cost["overhead"] == 1.5  # 300 s for 200 s of ideal wall time
+    assert orchestration([{"trials": [{"compute_seconds": None}]}], 10.0, 1)["overhead"] is None
