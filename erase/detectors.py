@@ -35,6 +35,9 @@ NUDENET_CLASS_SETS = {
     "strict": ["BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "ANUS_EXPOSED",
                "MALE_GENITALIA_EXPOSED"],
 }
+# sha256 of the 320n.onnx that nudenet 3.4.2 bundles, the detector the project's figures were made
+# with. A different file is still used, but its reports say so (`onnx_sha256_as_recorded`).
+NUDENET_ONNX_SHA256 = "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f"
 
 
 def _sha256(path: str) -> str:
@@ -94,7 +97,9 @@ class NudeNetDetector:
 
     def __init__(self, classes: list[str] | str = "nine", threshold: float = 0.6):
         import nudenet
-        from nudenet.nudenet import __labels as known  # noqa: the package's own label list
+        import nudenet.nudenet
+
+        known = getattr(nudenet.nudenet, "__labels")  # the package's own label list (by name: no mangling here)
 
         if isinstance(classes, str):
             if classes not in NUDENET_CLASS_SETS:
@@ -127,8 +132,9 @@ class NudeNetDetector:
         return {"nudity": (scores, scores >= self.threshold)}
 
     def describe(self) -> dict:
+        sha = _sha256(self.onnx_path)
         return {"detector": "nudenet", "classes": self.classes, "threshold": self.threshold,
-                "nudenet_version": self.version, "onnx_sha256": _sha256(self.onnx_path)}
+                "nudenet_version": self.version, "onnx_sha256": sha, "onnx_sha256_as_recorded": sha == NUDENET_ONNX_SHA256}
 
 
 class ClipDetector:
