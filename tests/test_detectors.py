@@ -59,3 +59,52 @@ def test_class_set_and_threshold_decide_what_counts(nudenet, monkeypatch):
 def test_bad_nudenet_options_are_named(options, message):
     with pytest.raises(DetectorError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         build_detector({"name": "nudenet", **options})
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random CLIP with a character-level tokenizer, saved as a local transformers folder."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*letters, *(c + "</w>" for c in letters)]:
+        vocab[token] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    config = CLIPConfig(text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
+                                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+                        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                                       "num_hidden_layers": 1, "num_attention_heads": 2},
+                        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_clip_zero_shot_from_a_local_folder(tiny_clip):
+    labels = {"circle": "a circle", "square": "a square", "cross": "a cross"}
+    detector = build_detector({"name": "clip", "model": tiny_clip, "labels": labels, "threshold": 0.0})
+    out = detector.detect(_made_images())
+    assert list(out) == ["circle", "square", "cross"]
+    probs = np.stack([out[c][0] for c in out], axis=1)
+    assert probs.shape == (3, 3) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    found = np.stack([out[c][1] for c in out], axis=1)
+    assert (found.sum(1) == 1).all()  # threshold 0: exactly the best label of each image is found
+    scores = detector.clip_score(_made_images(), ["a circle"] * 3)
+    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 100))
+    strict = build_detector({"name": "clip", "model": tiny_clip, "labels": labels, "threshold": 0.999})
+    assert not any(strict.detect(_made_images())[c][1].any() for c in labels)  # no random label is that sure
+
+
+def test_clip_needs_a_loadable_model_and_two_labels(tmp_path, tiny_clip):
+    with pytest.raises(DetectorError, match="at least two labels"):
+        build_detector({"name": "clip", "model": tiny_clip, "labels": {"circle": "a circle"}})
+    with pytest.raises(DetectorError, match="could not load a CLIP model"):
+        build_detector({"name": "clip", "model": str(tmp_path), "labels": ["a", "b"]})
