@@ -1,5 +1,8 @@
 import logging
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -27,3 +30,44 @@ def random_logits():
         return {s.name: torch.randn(s.size, generator=g) * scale for s in sites}
 
     return make
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process on loopback (SQLite backend in a temp folder, proxied artifacts)."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
+                             "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                             "--artifacts-destination", str(folder / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    import urllib.request
+
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            log.close()
+            pytest.fail("mlflow server did not start:\n" + (folder / "server.log").read_text()[-3000:])
+        time.sleep(0.5)
+    yield {"uri": uri, "artifacts": folder / "artifacts"}
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()

@@ -19,47 +19,6 @@ from pipelines import mask_sites
 MODEL = "flux-tiny"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real MLflow server (SQLite backend, proxied artifacts) for this module's tests."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
-                             "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-                             "--artifacts-destination", str(folder / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    import urllib.request
-
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.close()
-            pytest.fail("mlflow server did not start:\n" + (folder / "server.log").read_text()[-3000:])
-        time.sleep(0.5)
-    yield {"uri": uri, "artifacts": folder / "artifacts"}
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
-
-
 def _log_run(uri, concept, tmp_path, *, erasure_rate, preservation, seed=0, sweep="sweep-a"):
     """A finished run as a trial leaves it: metrics, tags and the mask artifact."""
     sites = mask_sites(MODEL)
@@ -86,8 +45,8 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-def test_promote_list_show_apply_and_a_fresh_process_resolves_the_alias(server, tmp_path, capsys):
-    uri = server["uri"]
+def test_promote_list_show_apply_and_a_fresh_process_resolves_the_alias(mlflow_server, tmp_path, capsys):
+    uri = mlflow_server["uri"]
     _log_run(uri, "cat", tmp_path, erasure_rate=0.2, preservation=0.95, seed=1)
     best_run, best_path = _log_run(uri, "cat", tmp_path, erasure_rate=0.0, preservation=0.97, seed=2)
     code, out, err = run_cli(capsys, "promote", "--concept", "cat", "--model", MODEL, "--tracking-uri", uri, "--json")
@@ -130,8 +89,8 @@ def test_promote_list_show_apply_and_a_fresh_process_resolves_the_alias(server, 
     assert meta["concept"] == "cat"
 
 
-def test_gates_refuse_and_leave_no_version(server, tmp_path, capsys):
-    uri = server["uri"]
+def test_gates_refuse_and_leave_no_version(mlflow_server, tmp_path, capsys):
+    uri = mlflow_server["uri"]
     _log_run(uri, "dog", tmp_path, erasure_rate=0.4, preservation=0.99, seed=3)
     code, _, err = run_cli(capsys, "promote", "--concept", "dog", "--model", MODEL, "--tracking-uri", uri)
     assert code == 2 and "erasure_rate 0.4 > max_erasure_rate 0.05" in err
@@ -146,12 +105,12 @@ def test_gates_refuse_and_leave_no_version(server, tmp_path, capsys):
         "erase.forced"] == "True"
 
 
-def test_a_failed_alias_move_deletes_the_new_version(server, tmp_path, monkeypatch):
+def test_a_failed_alias_move_deletes_the_new_version(mlflow_server, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from erase import registry
 
-    uri = server["uri"]
+    uri = mlflow_server["uri"]
     _log_run(uri, "fox", tmp_path, erasure_rate=0.0, preservation=1.0, seed=4)
     connect(uri)
     registry.promote(MODEL, "fox")
@@ -167,12 +126,12 @@ def test_a_failed_alias_move_deletes_the_new_version(server, tmp_path, monkeypat
     assert len(after) == len(before) == 1
 
 
-def test_a_changed_artifact_is_refused(server, tmp_path, capsys):
-    uri = server["uri"]
+def test_a_changed_artifact_is_refused(mlflow_server, tmp_path, capsys):
+    uri = mlflow_server["uri"]
     run_id, _ = _log_run(uri, "owl", tmp_path, erasure_rate=0.0, preservation=1.0, seed=5)
     code, _, err = run_cli(capsys, "promote", "--concept", "owl", "--model", MODEL, "--tracking-uri", uri)
     assert code == 0, err
-    stored = [p for p in server["artifacts"].rglob("mask.safetensors") if run_id in str(p)]
+    stored = [p for p in mlflow_server["artifacts"].rglob("mask.safetensors") if run_id in str(p)]
     assert len(stored) == 1
     data = bytearray(stored[0].read_bytes())
     data[-1] ^= 0xFF  # flip one byte of the last tensor
@@ -189,8 +148,8 @@ def test_a_changed_artifact_is_refused(server, tmp_path, capsys):
     (["promote", "--concept", "cat", "--model", MODEL, "--sweep", "sweep-zzz"], "no finished run"),
     (["promote", "--concept", "cat", "--model", MODEL, "--alias", "v3"], "is not allowed"),
 ])
-def test_bad_registry_requests_are_clear_errors(server, capsys, argv, message):
-    code, _, err = run_cli(capsys, *argv, "--tracking-uri", server["uri"])
+def test_bad_registry_requests_are_clear_errors(mlflow_server, capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv, "--tracking-uri", mlflow_server["uri"])
     assert code == 2 and err.startswith("erase: error:") and message in err, err
 
 
@@ -220,8 +179,8 @@ def _log_many(uri, concept, index, queue):
         queue.put(f"error: {err}")
 
 
-def test_concurrent_writers_lose_nothing(server):
-    uri = server["uri"]
+def test_concurrent_writers_lose_nothing(mlflow_server):
+    uri = mlflow_server["uri"]
     connect(uri)
     ensure_experiment(MODEL, "many")
     ctx = multiprocessing.get_context("spawn")
@@ -240,8 +199,8 @@ def test_concurrent_writers_lose_nothing(server):
         assert len(client.get_metric_history(run_id, "loss")) == 40
 
 
-def test_train_logs_a_run_with_its_mask(server, tmp_path, capsys):
-    uri = server["uri"]
+def test_train_logs_a_run_with_its_mask(mlflow_server, tmp_path, capsys):
+    uri = mlflow_server["uri"]
     out = tmp_path / "cat.safetensors"
     code, stdout, err = run_cli(capsys, "train", "--model", MODEL, "--concept", "cat", "--steps", "4", "--batch-size", "1",
                                 "--out", str(out), "--quiet", "--tracking-uri", uri, "--json")
