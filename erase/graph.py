@@ -33,8 +33,8 @@ def markdown_table(delta: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def heatmap(delta: dict[str, dict[str, float]], path: str, title: str = "side effect Δ = G0 - G_erased",
-            cell: int = 56) -> None:
+def heatmap(delta: dict[str, dict[str, float]], path: str, cell: int = 56,
+            title: str = "side effect = base detection - detection after erasure") -> None:
     """The matrix as a PNG: rows = erased concept, columns = measured concept, red = detection lost."""
     from PIL import Image, ImageDraw
 
@@ -44,7 +44,8 @@ def heatmap(delta: dict[str, dict[str, float]], path: str, title: str = "side ef
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 10), title, fill="black")
-    draw.text((10, 28), "rows: erased concept; columns: measured concept", fill="gray")
+    # PIL's built-in font has no Greek letters: plain words only
+    draw.text((10, 28), "rows: erased concept; columns: measured concept; red = detection lost", fill="gray")
     for j, c in enumerate(columns):
         draw.text((left + j * cell + 4, top - 18), c[:9], fill="black")
     for i, ce in enumerate(rows):
