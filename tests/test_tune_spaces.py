@@ -10,7 +10,7 @@ from tune_spaces import SpaceError, available, load_space
 SETTINGS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-@pytest.mark.parametrize("name", ["default", "flux_nudity", "toy_fast"])
+@pytest.mark.parametrize("name", ["default", "flux_nudity", "toy_fast", "toy_adaptive"])
 def test_shipped_spaces_load_into_optuna_distributions(name):
     from optuna.distributions import FloatDistribution
 
@@ -42,5 +42,18 @@ def test_bad_space_files_name_the_file_and_the_problem(tmp_path, text, message):
 
 
 def test_unknown_space_name_lists_the_shipped_ones():
-    with pytest.raises(SpaceError, match="shipped: concept_graph, default, flux_nudity, toy_fast"):
+    with pytest.raises(SpaceError, match="shipped: concept_graph, default, flux_nudity, toy_adaptive, toy_fast"):
         load_space("nope", SETTINGS)
+
+
+def test_the_adaptive_space_searches_ages_settings_into_a_valid_config():
+    import optuna
+
+    from erase.sweep import _train_config
+
+    space = load_space("toy_adaptive", SETTINGS)
+    dists = space.optuna_distributions()
+    assert {"adaptive_k", "adaptive_temperature", "adaptive_hard", "adaptive_lr", "adaptive_lambda"} <= set(dists)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask(dists)
+    cfg = _train_config("circle", {**space.fixed, **trial.params})
+    assert cfg.target == "adaptive" and isinstance(cfg.adaptive_k, int) and isinstance(cfg.adaptive_hard, bool)
