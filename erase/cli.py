@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p, default="toy")
     p.add_argument("--concepts", help="comma-separated concepts, one study each (toy default: circle)")
-    p.add_argument("--space", default="toy_fast", help="search space: a shipped name (default, toy_fast, flux_nudity) "
-                   "or a YAML file")
+    p.add_argument("--space", default="toy_fast", help="search space: a shipped name (default, flux_nudity, toy_fast, "
+                   "toy_adaptive, concept_graph; see tune_spaces/) or a YAML file")
     p.add_argument("--trials", type=int, default=4, help="trials per concept")
     p.add_argument("--address", help="Ray cluster to use, e.g. auto (default: start a local Ray)")
     p.add_argument("--storage", default="erase-sweeps", help="folder for Tune/Train state, checkpoints and study logs")
