@@ -507,9 +507,16 @@ def _start_ray(address: str | None):
         # a small machine: more logical CPUs than cores, so that Ray Data and the trial drivers find
         # room next to the Train workers; a small object store (prompt sets are tiny)
         cores = os.cpu_count() or 2
-        # address="local": always a new head, never a stray cluster some earlier run left behind
-        ray.init(address="local", num_cpus=max(4, 2 * cores), object_store_memory=256 * 2**20,
-                 log_to_driver=False, logging_level=logging.ERROR)
+        # The head's processes are our children, in the terminal's process group: they inherit an
+        # ignored SIGINT, so that a Ctrl-C reaches the studies (which save their state) and this
+        # driver (which then shuts the head down), and never kills the head under them first.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            # address="local": always a new head, never a stray cluster some earlier run left behind
+            ray.init(address="local", num_cpus=max(4, 2 * cores), object_store_memory=256 * 2**20,
+                     log_to_driver=False, logging_level=logging.ERROR)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     return ray
 
 
