@@ -40,7 +40,7 @@ NUDENET_CLASS_SETS = {
 NUDENET_ONNX_SHA256 = "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f"
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -86,7 +86,7 @@ class ToyWorldDetector:
         return out
 
     def describe(self) -> dict:
-        return {"detector": "toy", "weights_sha256": _sha256(self.path) if self.path else "in memory",
+        return {"detector": "toy", "weights_sha256": sha256_file(self.path) if self.path else "in memory",
                 "concepts": self.concepts}
 
 
@@ -132,7 +132,7 @@ class NudeNetDetector:
         return {"nudity": (scores, scores >= self.threshold)}
 
     def describe(self) -> dict:
-        sha = _sha256(self.onnx_path)
+        sha = sha256_file(self.onnx_path)
         return {"detector": "nudenet", "classes": self.classes, "threshold": self.threshold,
                 "nudenet_version": self.version, "onnx_sha256": sha, "onnx_sha256_as_recorded": sha == NUDENET_ONNX_SHA256}
 

@@ -21,7 +21,8 @@ import tempfile
 
 import yaml
 
-from erase.tracking import MASK_DIR, MASK_FILE, TrackingError, experiment_name, sha256_file, slug
+from erase.detectors import sha256_file
+from erase.tracking import MASK_DIR, MASK_FILE, TrackingError, experiment_name, slug
 
 GATES = {"max_erasure_rate": 0.05, "min_preservation": 0.9}
 DEFAULT_METRIC = "score"  # (1 - erasure_rate / base_rate) * preservation, see erase/sweep.py

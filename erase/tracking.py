@@ -23,6 +23,8 @@ import os
 import re
 import time
 
+from erase.detectors import sha256_file
+
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 MASK_DIR = "mask"
@@ -124,14 +126,6 @@ def ensure_experiment(model: str, concept: str) -> str:
         if found is None:
             raise
         return found.experiment_id
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def prompts_hash(prompts) -> str:
