@@ -180,7 +180,7 @@ def _best_so_far(points: list[dict]) -> list[dict]:
 
 
 def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: int = 10, storage: str,
-                   tracking_uri: str | None = None, progress: bool = True) -> dict:
+                   tracking_uri: str | None = None, progress: bool = True, on_sweep_progress=None) -> dict:
     """The best objective as a function of erasure steps spent: the reference code's grid
     (GRID_BETAS x `lrs`, each run to `steps`) against `erase sweep` (Optuna + ASHA, `trials`
     trials in the same box). Same objective, evaluation prompts and seeds; only optimisation
@@ -222,10 +222,12 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump(space, f)  # JSON is YAML
     grace = max(1, steps // 5)
-    specs = plan("toy", [concept], f.name, trials, storage, tracking_uri=tracking_uri, report_every=grace,
-                 grace_steps=grace, detector={"name": "toy"})
-    (summary,) = run_sweep(specs)
-    os.unlink(f.name)
+    try:
+        specs = plan("toy", [concept], f.name, trials, storage, tracking_uri=tracking_uri, report_every=grace,
+                     grace_steps=grace, detector={"name": "toy"})
+        (summary,) = run_sweep(specs, on_progress=on_sweep_progress)
+    finally:
+        os.unlink(f.name)
     done = sorted(summary["trials"], key=lambda t: t.get("ended_at") or 0)
     sweep = [{"config": t["config"], "steps": t["step"] or 0, "status": t["status"], "erasure_rate": t["erasure_rate"],
               "preservation": t["preservation"], "score": t["score"]} for t in done]

@@ -816,7 +816,8 @@ def _bench_search(args) -> int:
         raise ValueError("--lrs takes positive learning rates like 0.5,1.0 and --trials a positive count")
     with _ray_output_off_stdout():
         report = bench.compare_search(args.search, steps=args.train_steps or 100, lrs=lrs, trials=args.trials,
-                                      storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.json)
+                                      storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.json,
+                                      on_sweep_progress=None if args.json else _progress_printer(sys.stderr))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
