@@ -47,8 +47,10 @@ def gumbel_mixture(logits: torch.Tensor, temperature: float, hard: bool, top_k: 
 
 
 def read_vocabulary(source: str | list[str] | None, model: str, concept: str) -> list[str]:
-    """Candidate concepts: a word list file (one per line), a comma-separated list, or (default) the
-    toy world's concepts for the toy model."""
+    """Candidate concepts: a word list file (one per line), a comma-separated list, or (default) for
+    the toy model the other concepts of the erased one's group: an object maps onto an object.
+    (With every toy concept, "cross"'s nearest words were backgrounds and styles, and a prompt
+    naming no object erased little: README, Adaptive targets.)"""
     if isinstance(source, list):
         words = source
     elif source is None:
@@ -57,7 +59,7 @@ def read_vocabulary(source: str | list[str] | None, model: str, concept: str) ->
                               "(one concept per line) or a comma-separated list")
         from pipelines import toy_world as world
 
-        words = world.all_concepts()
+        words = list(world.GROUPS[world.group_of(concept)]) if concept in world.all_concepts() else world.all_concepts()
     elif os.path.isfile(source):
         with open(source, encoding="utf-8") as f:
             words = [line.strip() for line in f if line.strip() and not line.startswith("#")]
@@ -87,7 +89,7 @@ class AdaptiveConfig:
     top_k: int = 3  # soft mode: weights kept
     lr: float = 1e-2  # learning rate of π (gradient ascent)
     lam: float = 1.0  # weight of the target's preservation term
-    vocabulary: str | list[str] | None = None  # file, comma-separated list, or None: the toy world's concepts
+    vocabulary: str | list[str] | None = None  # file, comma-separated list, or None: the toy concept's group
 
 
 class AdaptiveTarget:

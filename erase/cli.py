@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive-lr", type=float, default=1e-2, help="adaptive: learning rate of the target logits")
     p.add_argument("--adaptive-lambda", type=float, default=1.0, help="adaptive: weight of the target's preservation")
     p.add_argument("--vocabulary", help="adaptive: candidate concepts, a file (one per line) or a comma-separated "
-                   "list (toy default: the world's concepts)")
+                   "list (toy default: the other concepts of its group, e.g. the other objects)")
     p.add_argument("--tracking-uri", help="also log the run to MLflow (e.g. sqlite:///mlflow.db or http://host:5000)")
     p.add_argument("--json", action="store_true", help="print the metrics JSON instead of a summary")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

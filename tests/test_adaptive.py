@@ -43,7 +43,8 @@ def test_vocabulary_sources(tmp_path):
     words.write_text("# animals\ncat\ndog\ncat\nfox\n")
     assert read_vocabulary(str(words), "flux-tiny", "dog") == ["cat", "fox"]
     assert read_vocabulary("cat, dog ,fox", "flux-tiny", "cat") == ["dog", "fox"]
-    assert "circle" not in read_vocabulary(None, "toy", "circle") and "square" in read_vocabulary(None, "toy", "circle")
+    assert read_vocabulary(None, "toy", "circle") == ["square", "triangle", "cross", "bar", "hourglass"]  # its group
+    assert read_vocabulary(None, "toy", "red") == ["green", "blue", "yellow", "purple"]
     with pytest.raises(PromptError, match="--vocabulary"):
         read_vocabulary(None, "flux-tiny", "cat")
     with pytest.raises(PromptError, match="no concept other than"):
