@@ -51,8 +51,8 @@ class TrainConfig:
     init_logit: float = 3.0
     target: str = "empty"  # "empty", "substitute" or "adaptive" (AGE, erase/adaptive.py)
     substitutions: dict[str, str] = field(default_factory=dict)
-    # adaptive target: k nearest candidates from a vocabulary (file, comma list; default the toy concept's group's
-    # concepts), Gumbel-softmax temperature, hard (straight-through) or soft top-k, lr of the logits
+    # adaptive target: k nearest candidates from a vocabulary (file, comma list; toy default: the other
+    # concepts of the erased one's group), Gumbel-softmax temperature, hard (straight-through) or soft top-k, lr of the logits
     # (gradient ascent), and the weight λ of the target's preservation term
     adaptive_k: int = 8
     adaptive_temperature: float = 1.0
