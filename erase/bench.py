@@ -131,11 +131,34 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- target strategies (AGE)
 
 
+def match_beta(erase_at, tried: list[dict], level: float, tolerance: float, max_runs: int) -> list[dict]:
+    """Raise β until the erasure rate (`erase_at(beta)["erasure_rate"]["value"]`) is within `tolerance`
+    of `level`: `tried` holds the runs so far (the last one's rate below the level); β is multiplied
+    by 4 until the rate passes the level, then bisected in log space. Appends to and returns `tried`."""
+    rate = lambda r: r["erasure_rate"]["value"]  # noqa: E731
+    low, high = tried[-1]["beta"], None  # erasure rate below the level at `low`, above it at `high`
+    while abs(rate(tried[-1]) - level) > tolerance and len(tried) < max_runs:
+        if rate(tried[-1]) < level:
+            low = tried[-1]["beta"]
+        else:
+            high = tried[-1]["beta"]
+        tried.append(erase_at(low * 4 if high is None else (low * high) ** 0.5))
+    return tried
+
+
 def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, beta: float | None = None,
-                    seed: int = 0, seeds_per_prompt: int = 2, substitute_phrase: str = "shape",
-                    strategies=("empty", "substitute", "adaptive"), progress: bool = True) -> dict:
+                    seed: int = 0, seeds_per_prompt: int = 4, substitute_phrase: str = "shape",
+                    strategies=("empty", "substitute", "adaptive"), match: bool = False, tolerance: float = 0.02,
+                    max_runs: int = 5, progress: bool = True) -> dict:
     """Erase `concept` from the toy world once per target strategy (same settings, seeds and prompts)
-    and measure its erasure and the preservation of its nearest neighbours in the concept graph."""
+    and measure its erasure and the preservation of its nearest neighbours in the concept graph.
+
+    `match`: compare at equal erasure. The strategies erase by different amounts at the same β,
+    and any strategy keeps its neighbours better by erasing less. So each strategy that erases
+    more than the weakest one has its β raised (smaller β erases harder), bracketed by factors of 4
+    and then bisected in log space, up to `max_runs` runs, until its erasure rate is within
+    `tolerance` of the weakest's; the run closest to that level is reported, every run is listed.
+    """
     from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, toy_rows
     from erase.prompts import toy_prompt_sets
     from erase.train import TrainConfig, train
@@ -147,20 +170,36 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     rows = toy_rows(concept, seeds_per_prompt)
     base_cache: dict = {}
     beta = recipe_defaults("toy")["beta"] if beta is None else beta
-    out = {"concept": concept, "neighbours": neighbours, "steps": steps, "beta": beta, "seed": seed,
-           "substitute": f"{concept}={substitute_phrase}", "strategies": {}}
-    for strategy in strategies:
-        cfg = TrainConfig(concept=concept, target=strategy, beta=beta, steps=steps, seed=seed,
+
+    def erase_once(strategy: str, run_beta: float) -> dict:
+        cfg = TrainConfig(concept=concept, target=strategy, beta=run_beta, steps=steps, seed=seed,
                           substitutions={concept: substitute_phrase} if strategy == "substitute" else {})
         result = train(gen, cfg, erase_prompts, neutral, progress=progress)
         stage = GenerateStage(gen=gen, masks=(result.masks.sites, result.masks.binary()))
         stage.base_cache = base_cache
         report, _ = evaluate(EvalSettings(concept=concept, attack=None), rows, stages=(stage, detect))
         kept = {n: report["preservation_by_concept"][n] for n in neighbours}
-        out["strategies"][strategy] = {
-            "erasure_rate": report["erasure_rate"], "preservation": report["preservation"],
-            "neighbour_preservation": kept, "neighbour_mean": sum(kept.values()) / len(kept),
-            "seconds": round(result.seconds, 1), "learnt_target": result.learnt_target}
+        return {"beta": run_beta, "erasure_rate": report["erasure_rate"], "preservation": report["preservation"],
+                "neighbour_preservation": kept, "neighbour_mean": sum(kept.values()) / len(kept),
+                "seconds": round(result.seconds, 1), "learnt_target": result.learnt_target}
+
+    out = {"concept": concept, "neighbours": neighbours, "steps": steps, "beta": beta, "seed": seed,
+           "substitute": f"{concept}={substitute_phrase}", "matched_erasure": match, "strategies": {}}
+    runs = {strategy: [erase_once(strategy, beta)] for strategy in strategies}
+    rate = lambda r: r["erasure_rate"]["value"]  # noqa: E731
+    if match:
+        level = max(rate(r[0]) for r in runs.values())  # the weakest eraser sets the level
+        out["erasure_level"] = level
+        for strategy, tried in runs.items():
+            match_beta(lambda b, s=strategy: erase_once(s, b), tried, level, tolerance, max_runs)
+    for strategy, tried in runs.items():
+        best = min(tried, key=lambda r: abs(rate(r) - out.get("erasure_level", rate(r))))
+        out["strategies"][strategy] = {**best, "runs": [{"beta": r["beta"], "erasure_rate": rate(r),
+                                                         "neighbour_mean": r["neighbour_mean"]} for r in tried]}
+    if match:
+        rates = [rate(r) for r in out["strategies"].values()]
+        out["erasure_spread"] = max(rates) - min(rates)
+        out["equal_erasure"] = out["erasure_spread"] <= tolerance
     return out
 
 

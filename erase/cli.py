@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "of its three nearest neighbours in the concept graph")
     p.add_argument("--graph", metavar="JSON", help="with --targets: the concept graph (erase graph's graph.json) that "
                    "names the neighbours (default: docs/concept_graph/graph.json)")
+    p.add_argument("--match-erasure", action="store_true", help="with --targets: compare at equal erasure: raise beta "
+                   "for each strategy that erases more than the weakest one until its erasure rate is within 2 "
+                   "points of it (up to 5 runs each; every run is listed)")
     p.add_argument("--search", metavar="CONCEPT", help="instead: the best objective against erasure steps spent, "
                    "the reference code's grid (beta in 0.1..1e-5 times --lrs) against erase sweep (Optuna + ASHA, "
                    "--trials trials in the same box), erasing this toy-world concept")
@@ -789,7 +792,8 @@ def _bench_targets(args) -> int:
     if args.targets not in delta:
         raise ValueError(f"the concept graph in {path} has no row for {args.targets!r}; it has {', '.join(delta)}")
     neighbours = graph.nearest_neighbours(delta, args.targets, 3)
-    report = bench.compare_targets(args.targets, neighbours, steps=args.train_steps or 400, progress=not args.json)
+    report = bench.compare_targets(args.targets, neighbours, steps=args.train_steps or 400, match=args.match_erasure,
+                                   progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -802,6 +806,13 @@ def _bench_targets(args) -> int:
               + " ".join(f"{r['neighbour_preservation'][n]:>10.3f}" for n in neighbours) + f" {r['neighbour_mean']:>10.3f}")
         if r["learnt_target"]:
             print("            learnt target: " + ", ".join(f"{t['concept']} {t['weight']:.2f}" for t in r["learnt_target"]))
+        if len(r["runs"]) > 1:
+            print("            beta tried: " + ", ".join(f"{t['beta']:.3g} -> {t['erasure_rate']:.3f}" for t in r["runs"])
+                  + f"; reported: beta {r['beta']:.3g}")
+    if report["matched_erasure"]:
+        verdict = "equal" if report["equal_erasure"] else "NOT equal"
+        print(f"erasure rates {verdict} within 2 points (spread {report['erasure_spread']:.3f}, "
+              f"level {report['erasure_level']:.3f})")
     return 0
 
 

@@ -35,3 +35,26 @@ def test_search_comparison_runs_the_grid_and_a_sweep_on_the_same_box(tmp_path):
     bests = [p["best"] for p in report["optuna_asha"]["curve"] if p["best"] is not None]
     assert bests == sorted(bests) and report["optuna_steps"] <= 2 * 4
     assert report["optuna_asha"]["sweep_cost"]["wall_seconds"] > 0
+
+
+def test_match_beta_raises_beta_until_the_erasure_rate_meets_the_level():
+    # a stand-in erasure whose detection rate rises smoothly with β (smaller β erases harder)
+    def erase_at(beta):
+        return {"beta": beta, "erasure_rate": {"value": min(1.0, 0.1 * beta ** 0.5)}}
+
+    tried = bench.match_beta(erase_at, [erase_at(1.0)], level=0.5, tolerance=0.02, max_runs=12)
+    betas = [r["beta"] for r in tried]
+    assert betas[:4] == [1.0, 4.0, 16.0, 64.0]  # x4 until the rate passes 0.5 (β 25)
+    assert abs(tried[-1]["erasure_rate"]["value"] - 0.5) <= 0.02
+    assert 16.0 < tried[-1]["beta"] < 64.0  # then bisected inside the bracket
+
+
+def test_match_beta_stops_at_its_run_budget():
+    calls = []
+
+    def never_enough(beta):
+        calls.append(beta)
+        return {"beta": beta, "erasure_rate": {"value": 0.0}}
+
+    tried = bench.match_beta(never_enough, [never_enough(1.0)], level=0.5, tolerance=0.02, max_runs=3)
+    assert len(tried) == 3 and len(calls) == 3
