@@ -25,6 +25,12 @@ COLOURS = {  # RGB in [0, 1]
 }
 STYLES = ("solid", "outlined", "striped")
 BACKGROUNDS = {"dark": (0.12, 0.12, 0.16), "light": (0.88, 0.88, 0.84)}
+# What a prompt that names no colour / no style shows: a grey, solid object. Like a real model's
+# default look, this is what a colour or style falls back to once the neurons that carry it are
+# masked (masks can only remove). Grey is not a concept (no prompt names it); the detector's
+# colour head has it as an extra class. An unnamed object or background is any of them.
+DEFAULT_COLOUR, DEFAULT_COLOUR_RGB = "grey", (0.55, 0.55, 0.55)
+DEFAULT_STYLE = "solid"
 ATTRIBUTES = ("object", "colour", "style", "background")
 # The empty prompt means an empty background: the `empty` erasure target, and the negative side
 # of classifier-free guidance. The detector's object head has this extra class.
@@ -147,7 +153,7 @@ def render(obj: str | None, colour: str, style: str, background: str, rng: np.ra
     elif style != "solid":
         raise KeyError(style)
     bg = np.array(BACKGROUNDS[background], np.float32) + rng.uniform(-0.03, 0.03, 3)
-    fg = np.array(COLOURS[colour], np.float32) + rng.uniform(-0.04, 0.04, 3)
+    fg = np.array(DEFAULT_COLOUR_RGB if colour == DEFAULT_COLOUR else COLOURS[colour], np.float32) + rng.uniform(-0.04, 0.04, 3)
     image = np.where(shape[..., None], fg, bg).astype(np.float32)
     image += rng.normal(0.0, 0.03, image.shape).astype(np.float32)
     return np.clip(image, 0.0, 1.0)
@@ -164,9 +170,10 @@ def random_attributes(rng: np.random.Generator, exclude_held_out: bool = True) -
 
 
 def detector_classes(attribute: str) -> list[str]:
-    """Class names of the detector's head for `attribute` (objects include NOTHING)."""
+    """Class names of the detector's head for `attribute` (objects include NOTHING, colours DEFAULT_COLOUR)."""
     names = list(GROUPS[GROUP_OF_ATTRIBUTE[attribute]])
-    return names + [NOTHING] if attribute == "object" else names
+    extra = {"object": [NOTHING], "colour": [DEFAULT_COLOUR]}.get(attribute, [])
+    return names + extra
 
 
 def label_indices(attrs: dict[str, str]) -> list[int]:
@@ -176,17 +183,24 @@ def label_indices(attrs: dict[str, str]) -> list[int]:
 def training_example(rng: np.random.Generator, exclude_held_out: bool = True) -> tuple[np.ndarray, str, dict]:
     """An image and a prompt for it: each attribute named with some probability, in varied phrasings.
 
-    A share BLANK_SHARE of examples is the empty prompt with an empty background.
+    A share BLANK_SHARE of examples is the empty prompt with an empty background. An unnamed
+    colour or style is drawn as DEFAULT_COLOUR / DEFAULT_STYLE; the returned attributes say what
+    the image shows.
     """
     attrs = random_attributes(rng, exclude_held_out)
     if rng.random() < BLANK_SHARE:
         attrs["object"] = NOTHING
         return render(None, attrs["colour"], attrs["style"], attrs["background"], rng), "", attrs
-    image = render(attrs["object"], attrs["colour"], attrs["style"], attrs["background"], rng)
     mention = {"object": 0.9, "colour": 0.85, "style": 0.6, "background": 0.6}
     named = {a: (v if rng.random() < mention[a] else None) for a, v in attrs.items()}
     kinds = {a: ("canonical", "synonym", "indirect")[rng.choice(3, p=[0.6, 0.25, 0.15])] for a in attrs}
-    return image, make_prompt(named, kinds, rng), attrs
+    prompt = make_prompt(named, kinds, rng)
+    if named["colour"] is None:
+        attrs["colour"] = DEFAULT_COLOUR
+    if named["style"] is None:
+        attrs["style"] = DEFAULT_STYLE
+    image = render(attrs["object"], attrs["colour"], attrs["style"], attrs["background"], rng)
+    return image, prompt, attrs
 
 
 def vocabulary() -> list[str]:

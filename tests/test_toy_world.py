@@ -85,10 +85,34 @@ def test_concept_prompts_cover_the_other_attributes():
 def test_held_out_combinations_never_appear_in_training():
     rng = np.random.default_rng(0)
     examples = [world.training_example(rng)[2] for _ in range(3000)]
-    seen = {(attrs["object"], attrs["colour"]) for attrs in examples if attrs["object"] != world.NOTHING}
+    seen = {(attrs["object"], attrs["colour"]) for attrs in examples
+            if attrs["object"] != world.NOTHING and attrs["colour"] != world.DEFAULT_COLOUR}
     blanks = sum(attrs["object"] == world.NOTHING for attrs in examples) / len(examples)
     assert abs(blanks - world.BLANK_SHARE) < 0.03
     assert len(seen) == len(world.OBJECTS) * len(world.COLOURS) - len(world.HELD_OUT)
     assert not seen & set(world.HELD_OUT)
     held = {o for o, _ in world.HELD_OUT}, {c for _, c in world.HELD_OUT}
     assert held[0] == set(world.OBJECTS) and held[1] == set(world.COLOURS)
+
+
+def test_unnamed_colour_and_style_are_drawn_grey_and_solid():
+    def names_any(prompt, concepts):
+        words = [w for c in concepts for w in [c, *world.PHRASINGS[c][0], *world.PHRASINGS[c][1]]]
+        return any(f" {w} " in f" {prompt} " for w in words)
+
+    rng = np.random.default_rng(3)
+    unnamed = 0
+    for _ in range(400):
+        image, prompt, attrs = world.training_example(rng)
+        if not prompt:
+            continue
+        assert (attrs["colour"] == world.DEFAULT_COLOUR) == (not names_any(prompt, world.COLOURS))
+        if not names_any(prompt, world.STYLES):
+            assert attrs["style"] == world.DEFAULT_STYLE
+        if attrs["colour"] == world.DEFAULT_COLOUR:
+            unnamed += 1
+            shape = np.abs(image - np.array(world.BACKGROUNDS[attrs["background"]])).max(-1) > 0.2
+            assert np.allclose(image[shape].mean(0), world.DEFAULT_COLOUR_RGB, atol=0.06)
+    assert unnamed > 20
+    assert world.DEFAULT_COLOUR in world.detector_classes("colour")
+    assert world.DEFAULT_COLOUR not in world.all_concepts()
