@@ -73,10 +73,14 @@ def read_vocabulary(source: str | list[str] | None, model: str, concept: str) ->
 
 @torch.no_grad()
 def nearest_concepts(gen, concept: str, vocabulary: list[str], k: int) -> list[tuple[str, float]]:
-    """The k words of `vocabulary` closest to `concept` by cosine similarity of their pooled text embedding."""
+    """The k words of `vocabulary` closest to `concept` by cosine similarity of their text embedding:
+    the token embeddings' mean and the pooled vector, each normalised, side by side (the toy
+    generator's pooled vector is zero, so there only the tokens count)."""
     cond = gen.encode([concept] + list(vocabulary))
-    pooled = torch.nn.functional.normalize(cond.pooled.float(), dim=-1)
-    sims = (pooled[1:] @ pooled[0]).cpu()
+    normalize = torch.nn.functional.normalize
+    embedding = torch.cat([normalize(cond.prompt_embeds.float().mean(1), dim=-1), normalize(cond.pooled.float(), dim=-1)], -1)
+    embedding = normalize(embedding, dim=-1)
+    sims = (embedding[1:] @ embedding[0]).cpu()
     order = torch.argsort(sims, descending=True)[:k]
     return [(vocabulary[i], float(sims[i])) for i in order]
 

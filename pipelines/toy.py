@@ -31,7 +31,7 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "toy_weights")
 GENERATOR_FILE = os.path.join(WEIGHTS_DIR, "generator.safetensors")
 DETECTOR_FILE = os.path.join(WEIGHTS_DIR, "detector.safetensors")
 
-TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=12, num_layers=2, num_single_layers=4, attention_head_dim=32,
+TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=12, num_layers=3, num_single_layers=2, attention_head_dim=32,
                           num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
                           axes_dims_rope=(8, 12, 12))
 TEXT_CONFIG = dict(width=64, layers=2, heads=4, max_len=20)
@@ -43,7 +43,7 @@ RECIPE_DEFAULTS = {"beta": 1.0}
 
 
 class ToyTextEncoder(nn.Module):
-    """Word-level tokens -> a small Transformer; returns per-token embeddings and a pooled vector."""
+    """Word-level tokens -> a small Transformer; returns per-token embeddings and a (zero) pooled vector."""
 
     def __init__(self, vocab: list[str], width: int, layers: int, heads: int, max_len: int):
         super().__init__()
@@ -55,7 +55,7 @@ class ToyTextEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
-        self.pool = nn.Linear(width, TRANSFORMER_CONFIG["pooled_projection_dim"])
+        self.pooled_dim = TRANSFORMER_CONFIG["pooled_projection_dim"]
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         ids = torch.zeros(len(prompts), self.max_len, dtype=torch.long)
@@ -69,7 +69,10 @@ class ToyTextEncoder(nn.Module):
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.embed(ids) + self.position[: ids.shape[1]]
         h = self.norm(self.encoder(h, src_key_padding_mask=ids == 0))
-        return h, self.pool(h[:, 0])
+        # The pooled vector is all zeros: the prompt reaches the transformer through its tokens
+        # only. FLUX's pooled CLIP vector feeds every block's modulation, a path no mask site
+        # covers; a first toy generator that used it drew colour from it (README, the toy world).
+        return h, h.new_zeros(h.shape[0], self.pooled_dim)
 
 
 class ToyDetector(nn.Module):
