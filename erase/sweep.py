@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 from erase.train import TrainConfig
 
@@ -411,8 +412,10 @@ def run_study(spec: SweepSpec) -> dict:
         tuner = tune.Tuner.restore(path, trainable=name, resume_errored=True)
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(spec.study_dir, 'optuna.db')}") if local else None
+        # each concept's study gets its own sampler seed: with one shared seed every study drew the same configs
+        sampler_seed = spec.seed + zlib.crc32(spec.concept.encode()) % 100_000
         searcher = OptunaSearch(space=space.optuna_distributions(), metric="score", mode="max", storage=storage,
-                                study_name=spec.study_name, seed=spec.seed)
+                                study_name=spec.study_name, seed=sampler_seed)
         tuner = tune.Tuner(
             name,
             tune_config=tune.TuneConfig(
