@@ -615,7 +615,7 @@ def cmd_sweep(args) -> int:
                   f"{fmt(t['preservation']):>8} {t['step'] or '-':>5}")
         best = summary.get("best")
         if best:
-            print(f"  best: trial {best['trial']}, score {best['score']:.3f}, erasure_rate {best['erasure_rate']:.3f}, "
+            print(f"  best finished trial: {best['trial']}, score {best['score']:.3f}, erasure_rate {best['erasure_rate']:.3f}, "
                   f"preservation {best['preservation']:.3f}")
             print("  hyperparameters: " + ", ".join(f"{k}={_short(v)}" for k, v in best["config"].items()))
             print(f"  mask: {best.get('mask_file')}   MLflow run: {best.get('mlflow_run_id')}")
@@ -641,7 +641,7 @@ def _progress_printer(out):
             best = p.get("best")
             line = (f"  {p['concept']}: {p['running']} running, {p['done']}/{p['total']} done"
                     + (f", {p['errored']} errored" if p.get("errored") else "")
-                    + (f"; best score {best['score']:.3f} (erasure_rate {best['erasure_rate']:.3f}, preservation "
+                    + (f"; best report so far: score {best['score']:.3f} (erasure_rate {best['erasure_rate']:.3f}, preservation "
                        f"{best['preservation']:.3f}, step {best['step']})" if best else ""))
             if shown.get(p["concept"]) != line:
                 shown[p["concept"]] = line
