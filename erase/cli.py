@@ -157,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checkpointing", action="store_true", help="plain full backprop (memory grows with steps)")
     p.add_argument("--threshold", type=float, default=0.0, help="binarisation threshold on λ")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target", default="empty", choices=["empty", "substitute", "adaptive"],
+    p.add_argument("--target", choices=["empty", "substitute", "adaptive"],
                    help="what the concept maps onto: the empty prompt's output, a substituted prompt's, or a learnt "
-                   "mixture of its nearest concepts (AGE)")
+                   "mixture of its nearest concepts (AGE). Default: empty; for a toy colour or style, substitute "
+                   "with the word dropped ('a blue circle' -> 'a circle', drawn grey)")
     p.add_argument("--adaptive-k", type=int, default=8, help="adaptive: candidate concepts (nearest in text embedding)")
     p.add_argument("--adaptive-temperature", type=float, default=1.0, help="adaptive: Gumbel-softmax temperature")
     p.add_argument("--adaptive-soft", action="store_true", help="adaptive: soft top-k mixture instead of hard "
@@ -337,10 +338,13 @@ def cmd_train(args) -> int:
         erase_prompts = read_prompts(args.prompts, "concept prompt", args.prompt_column)
     if args.neutral_prompts:
         neutral = read_prompts(args.neutral_prompts, "neutral prompt", args.prompt_column)
+    defaults = recipe_defaults(args.model, args.concept)
+    target = args.target or defaults.get("target", "empty")
+    substitutions = parse_substitutions(args.substitute) or (defaults.get("substitutions", {}) if target == "substitute" else {})
     cfg = TrainConfig(
         concept=args.concept, sites=_groups(args.sites), parametrisation=args.parametrisation,
-        init_logit=args.init_logit, target=args.target, substitutions=parse_substitutions(args.substitute),
-        beta=args.beta if args.beta is not None else recipe_defaults(args.model)["beta"], lr_ffn=args.lr_ffn, lr_norm=args.lr_norm, lr_attn=args.lr_attn, optimizer=args.optimizer,
+        init_logit=args.init_logit, target=target, substitutions=substitutions,
+        beta=args.beta if args.beta is not None else defaults["beta"], lr_ffn=args.lr_ffn, lr_norm=args.lr_norm, lr_attn=args.lr_attn, optimizer=args.optimizer,
         weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         sampling_steps=args.sampling_steps, noises_per_prompt=args.noises_per_prompt,
         sparsity_weight=args.sparsity_weight, target_sparsity=args.target_sparsity,

@@ -252,8 +252,10 @@ def trial(config: dict, *, spec: dict, fixed: dict, datasets: dict, prompt_hashe
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from pipelines import recipe_defaults
+
     sweep = SweepSpec(**spec)
-    settings = {**fixed, **config}
+    settings = {**recipe_defaults(sweep.model, sweep.concept), **fixed, **config}  # the space overrides the recipe
     train_cfg = _train_config(sweep.concept, settings)
     ctx = tune.get_context()
     trainer = TorchTrainer(

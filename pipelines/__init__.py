@@ -65,18 +65,25 @@ MODELS = {
 }
 
 
-def recipe_defaults(model: str) -> dict:
+def recipe_defaults(model: str, concept: str | None = None) -> dict:
     """Recipe settings that differ by model: the paper's (Table 6) for FLUX.1, the toy world's own.
 
     The toy world's loss has another scale than FLUX.1's latents (pixels in [-1, 1], objects
     covering a quarter of the image), so the paper's β = 0.01 lets the erase term wipe out every
-    object; its default was chosen by a sweep (pipelines/toy.py).
+    object; its default was chosen from measured runs (pipelines/toy.py). A toy colour or style
+    maps onto its prompt with the word dropped (the reference code's 'de-conceptualised' prompt),
+    which the world draws in its default look (grey, solid): masks can only remove, and removing
+    a colour leaves that look, not the empty background the `empty` target asks for.
     """
     _check_name(model)
     if model == "toy":
+        from pipelines import toy_world
         from pipelines.toy import RECIPE_DEFAULTS
 
-        return dict(RECIPE_DEFAULTS)
+        defaults = dict(RECIPE_DEFAULTS)
+        if concept in toy_world.all_concepts() and toy_world.attribute_of(concept) in ("colour", "style"):
+            defaults.update(target="substitute", substitutions={concept: ""})
+        return defaults
     return {"beta": 0.01}
 
 

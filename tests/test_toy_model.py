@@ -61,3 +61,22 @@ def test_detector_predicts_every_attribute():
     detector = toy.ToyDetector().eval()
     found = detector.predict(torch.rand(3, 3, 16, 16))
     assert len(found) == 3 and set(found[0]) == {"object", "colour", "style", "background"}
+
+
+def test_recipe_maps_a_toy_colour_or_style_onto_its_prompt_without_the_word():
+    from erase.prompts import substitute
+    from pipelines import recipe_defaults
+
+    assert recipe_defaults("toy", "cross").get("target", "empty") == "empty"
+    blue = recipe_defaults("toy", "blue")
+    assert blue["target"] == "substitute"
+    assert substitute("a striped blue circle", blue["substitutions"]) == "a striped circle"
+    assert recipe_defaults("toy", "striped")["substitutions"] == {"striped": ""}
+    assert recipe_defaults("flux.1-schnell", "nudity") == {"beta": 0.01}
+
+
+def test_toy_prompt_reaches_the_transformer_through_its_tokens_only(fresh_toy):
+    gen = toy.ToyGenerator(*fresh_toy)
+    cond = gen.encode(["a blue circle", "a red square"])
+    assert torch.count_nonzero(cond.pooled) == 0
+    assert not torch.allclose(cond.prompt_embeds[0], cond.prompt_embeds[1])
