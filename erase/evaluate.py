@@ -256,7 +256,10 @@ def whitebox_attack(gen, sites, binary_masks, prompts: list[str], seeds: list[in
     with torch.no_grad():
         cond = gen.encode(prompts)
         target = sample(lambda x, s: gen.velocity(x, s, cond), gen.noise(seeds), sigmas, checkpointing=False)
-    adversarial = {f: getattr(cond, f).detach().float().clone().requires_grad_(True) for f in ATTACKED_FIELDS}
+    # Only what carries the prompt: the toy generator's pooled vector is always zero, and moving it
+    # would drive weights its training never used (an input no prompt can produce).
+    adversarial = {f: getattr(cond, f).detach().float().clone().requires_grad_(True) for f in ATTACKED_FIELDS
+                   if torch.count_nonzero(getattr(cond, f))}
     optimizer = torch.optim.Adam(adversarial.values(), lr=cfg.lr)
 
     def attacked():
