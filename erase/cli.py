@@ -17,11 +17,11 @@ import time
 from pipelines import MODELS, SITE_GROUPS
 
 EXAMPLES = """examples (the toy world is the default model):
-  erase sweep                                            a small sweep for 'cross' on a local Ray
-  erase sweep --concepts cross,square --trials 8 --address auto
-  erase promote --concept cross                          best run -> registry, alias production
-  erase masks apply models:/erase-toy-cross@production --prompt "a red cross" --out cross.png
-  erase train --concept cross && erase eval --mask toy-cross.safetensors --report cross.html
+  erase sweep                                            a small sweep for 'striped' on a local Ray
+  erase sweep --concepts striped,cross --trials 8 --address auto
+  erase promote --concept striped                        best run -> registry, alias production
+  erase masks apply models:/erase-toy-striped@production --prompt "a striped red cross" --out out.png
+  erase train --concept striped && erase eval --mask toy-striped.safetensors --report striped.html
   erase graph                                            concept graph of the toy world's objects
   erase sites --model flux.1-schnell --json
   erase masks import-reference ./reference_masks --model flux.1-schnell --out nudity.safetensors
@@ -47,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Ray Tune + Optuna over a search space (tune_spaces/), one Optuna study per concept, "
                        "ASHA early stopping on score = " + "max(0, 1 - erasure_rate / base_rate) * preservation. "
                        "Each trial is a Ray Train run (one worker per GPU, the CPU otherwise), every trial an MLflow "
-                       "run. With no flags: a small sweep of the toy world's 'cross' on a local Ray. Ctrl-C stops "
+                       "run. With no flags: a small sweep of the toy world's 'striped' on a local Ray. Ctrl-C stops "
                        "cleanly; --resume ID continues without losing finished trials.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p, default="toy")
-    p.add_argument("--concepts", help="comma-separated concepts, one study each (toy default: cross, the object "
-                   "its masks erase best)")
+    p.add_argument("--concepts", help="comma-separated concepts, one study each (toy default: striped, the "
+                   "concept its masks erase best)")
     p.add_argument("--space", default="toy_fast", help="search space: a shipped name (default, flux_nudity, toy_fast, "
                    "toy_adaptive, concept_graph; see tune_spaces/) or a YAML file")
     p.add_argument("--trials", type=int, default=4, help="trials per concept")
@@ -591,7 +591,7 @@ def cmd_sweep(args) -> int:
 
     concepts = [c.strip() for c in (args.concepts or "").split(",") if c.strip()]
     if not concepts and args.model == "toy" and not args.resume:
-        concepts = ["cross"]  # the toy object its masks erase best (README, "The toy world")
+        concepts = ["striped"]  # the toy concept its masks erase best (README, "The toy world")
     detector = _detector_spec(args) if (args.detector or args.model == "toy") else None
     if detector is None and not args.resume:
         raise ValueError(f"--detector is needed to score trials on {args.model}: nudenet or clip (with --detector-config)")

@@ -483,7 +483,7 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
     if trials < 1:
         raise SweepError(f"--trials must be at least 1, got {trials}")
     if not concepts:
-        raise SweepError("no concepts: pass --concepts A,B (the toy world's default is cross)")
+        raise SweepError("no concepts: pass --concepts A,B (the toy world's default is striped)")
     loaded = load_space(space, TRIAL_KEYS)
     for key in ("seed", "noises_per_prompt"):
         if key in loaded.search:
