@@ -103,13 +103,15 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_without_redoing_trials(tmp_pat
     space = tmp_path / "space.yaml"
     space.write_text(TINY_SPACE.replace("steps: 4", "steps: 40"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "erase.cli", "sweep", "--concepts", "circle", "--trials", "3", "--space", str(space),
+    args = [sys.executable, "-m", "erase.cli", "sweep", "--concepts", "circle", "--trials", "4", "--space", str(space),
             "--storage", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
             "--report-every", "10", "--grace-steps", "40"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     progress = None
     deadline = time.time() + 600
+    # 4 trials on 2 slots: when the first finishes, at least two trials' worth of work is left for
+    # Ctrl-C to interrupt (with 3, the last two could finish together before the signal landed)
     while time.time() < deadline:  # wait until the first trial has finished
         found = list((tmp_path / "sweeps").glob("*/circle/progress.json"))
         if found:
@@ -135,10 +137,10 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_without_redoing_trials(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.lstrip().startswith("["), resumed.stdout[:3000]
     (summary,) = json.loads(resumed.stdout)
-    assert len(summary["trials"]) == 3 and all(t["status"] in ("finished", "stopped") for t in summary["trials"])
+    assert len(summary["trials"]) == 4 and all(t["status"] in ("finished", "stopped") for t in summary["trials"])
     client, after = _runs(f"sqlite:///{tmp_path}/mlflow.db", "circle")
     assert finished_before <= {r.info.run_id for r in after if r.info.status == "FINISHED"}
-    assert len(after) == 3  # the interrupted trial went on in its own run; nothing ran twice
+    assert len(after) == 4  # the interrupted trials went on in their own runs; nothing ran twice
 
 
 def test_orchestration_overhead_compares_wall_time_with_trial_compute_per_slot():
