@@ -106,8 +106,10 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_without_redoing_trials(tmp_pat
     args = [sys.executable, "-m", "erase.cli", "sweep", "--concepts", "circle", "--trials", "4", "--space", str(space),
             "--storage", str(tmp_path / "sweeps"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
             "--report-every", "10", "--grace-steps", "40"]
+    # Start the sweep with SIGINT at its default, as a terminal would: Python installs its Ctrl-C handler
+    # only if SIGINT is not ignored at startup, and the child inherits whatever this test process has.
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     progress = None
     deadline = time.time() + 600
     # 4 trials on 2 slots: when the first finishes, about two trials' worth of work is left for
