@@ -230,7 +230,7 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
     from erase.prompts import toy_prompt_sets
     from erase.sweep import plan, run_sweep, score
     from erase.train import TrainConfig, train
-    from pipelines import load_generator
+    from pipelines import load_generator, recipe_defaults
 
     gen = load_generator("toy")
     detect = DetectStage({"name": "toy"})
@@ -240,8 +240,8 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
     grid = []
     for beta in GRID_BETAS:
         for lr in lrs:
-            cfg = TrainConfig(concept=concept, beta=beta, lr_ffn=lr, lr_norm=lr, steps=steps, batch_size=4,
-                              sites=("ffn", "norm"))
+            cfg = TrainConfig(**{**recipe_defaults("toy", concept), "beta": beta}, concept=concept, lr_ffn=lr,
+                              lr_norm=lr, steps=steps, batch_size=4, sites=("ffn", "norm"))  # the sweep's target too
             result = train(gen, cfg, erase_prompts, neutral, progress=progress)
             stage = GenerateStage(gen=gen, masks=(result.masks.sites, result.masks.binary()))
             stage.base_cache = base_cache
