@@ -158,7 +158,8 @@ def worker_loop(config: dict) -> None:
         from erase.tracking import RunLogger
 
         logger = RunLogger(config["tracking_uri"], spec.model, spec.concept, run_name=config["trial_name"],
-                           params={**config["searched"], **config["fixed"]}, run_id=run_id,
+                           params={**{k: config["train"][k] for k in ("target", "substitutions") if config["train"][k]},
+                                   **config["searched"], **config["fixed"]}, run_id=run_id,
                            tags={"erase.sweep": spec.sweep_id, "erase.trial": config["trial_id"],
                                  "erase.fingerprint": fingerprint(sites), "erase.space": spec.space,
                                  "erase.prompts_sha": config["prompt_hashes"]["erase"],
