@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="prompts per term per step")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimisation step")
     p.add_argument("--sampling-steps", type=int, help="unrolled sampling steps (default: the model's)")
-    p.add_argument("--noises-per-prompt", type=int, default=1, help="fixed starting noises per prompt")
+    p.add_argument("--noises-per-prompt", type=int, help="fixed starting noises per prompt (default: the model's "
+                   "recipe default: 4 for the toy world, 1 otherwise)")
     p.add_argument("--sparsity-weight", type=float, default=0.0, help="weight of the explicit sparsity penalty")
     p.add_argument("--target-sparsity", type=float, help="with --sparsity-weight: penalise only the removed share "
                    "above this budget (default: penalise every removed unit, L1)")
@@ -235,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "for each strategy that erases more than the weakest one until its erasure rate is within 2 "
                    "points of it (up to 5 runs each; every run is listed)")
     p.add_argument("--search", metavar="CONCEPT", help="instead: the best objective against erasure steps spent, "
-                   "the reference code's grid (beta in 0.1..1e-5 times --lrs) against erase sweep (Optuna + ASHA, "
+                   "the reference code's grid (beta in 0.1..1e-5, moved to the model's beta scale: 10..1e-3 for the toy "
+                   "world; times --lrs) against erase sweep (Optuna + ASHA, "
                    "--trials trials in the same box), erasing this toy-world concept")
     p.add_argument("--lrs", default="0.5,1.0", help="with --search: the grid's learning rates (lr_ffn = lr_norm)")
     p.add_argument("--trials", type=int, default=10, help="with --search: the sweep's trials")
@@ -346,7 +348,8 @@ def cmd_train(args) -> int:
         init_logit=args.init_logit, target=target, substitutions=substitutions,
         beta=args.beta if args.beta is not None else defaults["beta"], lr_ffn=args.lr_ffn, lr_norm=args.lr_norm, lr_attn=args.lr_attn, optimizer=args.optimizer,
         weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        sampling_steps=args.sampling_steps, noises_per_prompt=args.noises_per_prompt,
+        sampling_steps=args.sampling_steps, noises_per_prompt=(args.noises_per_prompt if args.noises_per_prompt is not None
+                           else defaults.get("noises_per_prompt", 1)),
         sparsity_weight=args.sparsity_weight, target_sparsity=args.target_sparsity,
         checkpointing=not args.no_checkpointing, threshold=args.threshold, seed=args.seed,
         adaptive_k=args.adaptive_k, adaptive_temperature=args.adaptive_temperature, adaptive_hard=not args.adaptive_soft,

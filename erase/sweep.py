@@ -352,9 +352,11 @@ def _prompt_sets(spec: SweepSpec, fixed: dict):
     from erase.prompts import NEUTRAL_PROMPTS, concept_prompts, default_prompt_sets
     from erase.tracking import prompts_hash
     from erase.train import first_seeds
+    from pipelines import recipe_defaults
 
-    erase_first, neutral_first = first_seeds(TrainConfig(concept=spec.concept, seed=int(fixed.get("seed", 0))))
-    noises = int(fixed.get("noises_per_prompt", 1))
+    settings = {**recipe_defaults(spec.model, spec.concept), **fixed}  # the trials' own: see trial()
+    erase_first, neutral_first = first_seeds(TrainConfig(concept=spec.concept, seed=int(settings.get("seed", 0))))
+    noises = int(settings.get("noises_per_prompt", 1))
     if spec.model == "toy":
         erase_list, neutral_list = default_prompt_sets("toy", spec.concept)
     else:

@@ -88,3 +88,19 @@ def test_adversarial_loaders(tmp_path):
     with pytest.raises(PromptError, match="unknown adversarial set"):
         read_adversarial("jailbreak", str(tmp_path / "rab.csv"))
     assert read_adversarial("p4d", str(tmp_path / "mma.parquet"), column="clean_prompt") == ["clean"]
+
+
+def test_sweep_prompt_streams_take_the_recipe_noises_unless_the_space_fixes_them(ray_local):
+    from erase.prompts import toy_prompt_sets
+    from erase.sweep import SweepSpec, _prompt_sets
+    from pipelines import recipe_defaults
+
+    erase_prompts, neutral = toy_prompt_sets("cross")
+    noises = recipe_defaults("toy", "cross")["noises_per_prompt"]
+    assert noises > 1  # otherwise this test shows nothing
+    spec = SweepSpec(sweep_id="t", concept="cross")
+    datasets, _ = _prompt_sets(spec, fixed={})
+    assert datasets["erase"].count() == len(erase_prompts) * noises
+    assert datasets["neutral"].count() == len(neutral) * noises
+    datasets, _ = _prompt_sets(spec, fixed={"noises_per_prompt": 1})
+    assert datasets["erase"].count() == len(erase_prompts)
