@@ -206,6 +206,18 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
 # ---------------------------------------------------------------- search efficiency (sweeps)
 
 GRID_BETAS = (0.1, 0.01, 1e-3, 1e-4, 1e-5)  # the reference code's hand-written grid, times the learning rates
+PAPER_BETA = 0.01  # the paper's default β, the scale the reference grid was written for
+
+
+def grid_betas(model: str) -> list[float]:
+    """The reference grid moved to `model`'s β scale: GRID_BETAS x (its recipe β / the paper's).
+
+    The toy world's loss is about 100x FLUX.1's (its recipe β is 1.0, not 0.01), so the FLUX
+    grid taken as it is would test only βs at which the toy loses most of what it should keep."""
+    from pipelines import recipe_defaults
+
+    scale = recipe_defaults(model)["beta"] / PAPER_BETA
+    return [float(f"{b * scale:.6g}") for b in GRID_BETAS]
 
 
 def _best_so_far(points: list[dict]) -> list[dict]:
@@ -221,7 +233,7 @@ def _best_so_far(points: list[dict]) -> list[dict]:
 def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: int = 10, storage: str,
                    tracking_uri: str | None = None, progress: bool = True, on_sweep_progress=None) -> dict:
     """The best objective as a function of erasure steps spent: the reference code's grid
-    (GRID_BETAS x `lrs`, each run to `steps`) against `erase sweep` (Optuna + ASHA, `trials`
+    (`grid_betas` x `lrs`, each run to `steps`) against `erase sweep` (Optuna + ASHA, `trials`
     trials in the same box). Same objective, evaluation prompts and seeds; only optimisation
     steps count as compute (both evaluate; the sweep more often, to let ASHA stop trials)."""
     import tempfile
@@ -237,8 +249,8 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
     erase_prompts, neutral = toy_prompt_sets(concept)
     rows = toy_rows(concept, seeds_per_prompt=1)  # the sweep's evaluation rows
     base_cache: dict = {}
-    grid = []
-    for beta in GRID_BETAS:
+    grid, betas = [], grid_betas("toy")
+    for beta in betas:
         for lr in lrs:
             cfg = TrainConfig(**{**recipe_defaults("toy", concept), "beta": beta}, concept=concept, lr_ffn=lr,
                               lr_norm=lr, steps=steps, batch_size=4, sites=("ffn", "norm"))  # the sweep's target too
@@ -252,7 +264,7 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
                          "preservation": kept, "score": score(erasure, base or 0.0, kept or 0.0)})
     space = {"description": "compare_search: the grid's box", "fixed": {"batch_size": 4, "sites": "ffn,norm",
                                                                          "steps": steps},
-             "search": {"beta": {"distribution": "loguniform", "low": min(GRID_BETAS), "high": max(GRID_BETAS)}}}
+             "search": {"beta": {"distribution": "loguniform", "low": min(betas), "high": max(betas)}}}
     for name in ("lr_ffn", "lr_norm"):
         if min(lrs) < max(lrs):
             space["search"][name] = {"distribution": "loguniform", "low": min(lrs), "high": max(lrs)}
