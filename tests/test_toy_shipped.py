@@ -60,3 +60,16 @@ def test_short_erasure_lowers_the_concept_detection_rate(shipped):
     with MaskHooks(gen.transformer, result.masks.sites, result.masks.binary()):
         after = detector.detect(generate(gen, prompts, seeds))["circle"][1].mean()
     assert before >= 0.8 and after <= before - 0.2, (before, after)
+
+
+def test_ablation_removes_whole_site_groups_and_the_detector_sees_it(shipped):
+    from pipelines.toy_ablation import ABLATIONS, detection_with_removed
+
+    gen, detector = shipped
+    untouched = detection_with_removed(gen, detector, ABLATIONS["none"], seeds_per_prompt=1)
+    no_heads = detection_with_removed(gen, detector, ABLATIONS["attn, every head"], seeds_per_prompt=1)
+    assert untouched["object"] >= 0.9 and untouched["colour"] >= 0.9, untouched
+    # without attention no prompt reaches the image: every attribute falls far below the untouched model
+    assert all(no_heads[a] <= untouched[a] - 0.4 for a in ("object", "colour", "style")), (untouched, no_heads)
+    # and the hooks are gone afterwards: the same call gives the same figures again
+    assert detection_with_removed(gen, detector, ABLATIONS["none"], seeds_per_prompt=1) == untouched
