@@ -18,7 +18,7 @@ from pipelines import MODELS, SITE_GROUPS
 
 EXAMPLES = """examples (the toy world is the default model):
   erase sweep                                            a small sweep for 'striped' on a local Ray
-  erase sweep --concepts striped,cross --trials 8 --address auto
+  erase sweep --concepts striped,outlined --trials 8 --address auto
   erase promote --concept striped                        best run -> registry, alias production
   erase masks apply models:/erase-toy-striped@production --prompt "a striped red cross" --out out.png
   erase train --concept striped && erase eval --mask toy-striped.safetensors --report striped.html
