@@ -388,6 +388,19 @@ def _prompt_sets(spec: SweepSpec, fixed: dict):
     return {"erase": erase_ds, "neutral": neutral_ds, "eval": eval_ds}, hashes
 
 
+def tpe_sampler(spec: SweepSpec):
+    """Optuna's TPE sampler for one concept's study.
+
+    TPE draws its first `n_startup_trials` configurations at random, 10 by default: a sweep of 10
+    trials or fewer would be a random search throughout. A third of the trials (2 to 10) are
+    random here, the rest follow TPE. Each concept gets its own seed: with one shared seed every
+    study drew the same configurations."""
+    import optuna
+
+    seed = spec.seed + zlib.crc32(spec.concept.encode()) % 100_000
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, spec.trials // 3)))
+
+
 def run_study(spec: SweepSpec) -> dict:
     """One concept's Tuner: a new study, or the saved one when it can be restored. Returns its summary."""
     import optuna
@@ -417,10 +430,8 @@ def run_study(spec: SweepSpec) -> dict:
         tuner = tune.Tuner.restore(path, trainable=name, resume_errored=True)
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(spec.study_dir, 'optuna.db')}") if local else None
-        # each concept's study gets its own sampler seed: with one shared seed every study drew the same configs
-        sampler_seed = spec.seed + zlib.crc32(spec.concept.encode()) % 100_000
         searcher = OptunaSearch(space=space.optuna_distributions(), metric="score", mode="max", storage=storage,
-                                study_name=spec.study_name, seed=sampler_seed)
+                                study_name=spec.study_name, sampler=tpe_sampler(spec))
         tuner = tune.Tuner(
             name,
             tune_config=tune.TuneConfig(

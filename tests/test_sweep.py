@@ -154,3 +154,26 @@ def test_orchestration_overhead_compares_wall_time_with_trial_compute_per_slot()
     cost = orchestration(summaries, wall_seconds=300.0, slots=2)
     assert cost["trial_compute_seconds"] == 400.0 and cost["overhead"] == 1.5  # 300 s for 200 s of ideal wall time
     assert orchestration([{"trials": [{"compute_seconds": None}]}], 10.0, 1)["overhead"] is None
+
+
+
+def test_small_sweeps_leave_tpes_random_start_after_a_third_of_their_trials():
+    import optuna
+
+    from erase.sweep import SweepSpec, tpe_sampler
+
+    def sampler(concept, trials):
+        return tpe_sampler(SweepSpec(sweep_id="t", concept=concept, trials=trials))
+
+    # Optuna's default, 10 random start-up trials, would make a sweep of 6 a random search throughout
+    assert sampler("striped", 6)._n_startup_trials == 2
+    assert sampler("striped", 60)._n_startup_trials == 10
+
+    def first_draws(s):
+        study = optuna.create_study(direction="maximize", sampler=s)
+        study.optimize(lambda t: -(t.suggest_float("beta", 0.1, 10.0, log=True) - 1.0) ** 2, n_trials=3)
+        return [t.params["beta"] for t in study.trials]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    assert first_draws(sampler("striped", 6)) == first_draws(sampler("striped", 6))  # seeded
+    assert first_draws(sampler("striped", 6)) != first_draws(sampler("outlined", 6))  # a seed per concept
