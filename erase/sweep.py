@@ -508,6 +508,11 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
 
         for concept in concepts:
             toy_prompt_sets(concept)  # a clear error for a concept the world does not have
+    from erase.prompts import read_prompts
+
+    for key, what in (("prompts", "concept prompt"), ("neutral_prompts", "neutral prompt"), ("eval_prompts", "evaluation prompt")):
+        if options.get(key):  # a missing, unreadable or empty file fails here, before Ray starts
+            read_prompts(options[key], what, options.get("prompt_column", "prompt"))
     sweep_id = new_sweep_id(model)
     return [SweepSpec(sweep_id=sweep_id, concept=c, model=model, space=space, trials=trials, storage=storage, **options)
             for c in concepts]

@@ -46,6 +46,13 @@ def test_plan_checks_the_request(tmp_path):
         plan("toy", ["circle"], str(seeded), 3, str(tmp_path / "s"))
     with pytest.raises(SweepError, match="no sweep 'nope'"):
         plan("toy", [], str(space), 3, str(tmp_path / "s"), resume="nope")
+    # prompt files are read before any trial (or Ray) starts
+    with pytest.raises(PromptError, match="neutral prompt file '/no/n.txt' does not exist"):
+        plan("toy", ["circle"], str(space), 3, str(tmp_path / "s"), neutral_prompts="/no/n.txt")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text\n")
+    with pytest.raises(PromptError, match="has no column 'prompt'; its columns are: text"):
+        plan("toy", ["circle"], str(space), 3, str(tmp_path / "s"), prompts=str(empty))
 
 
 def test_trial_slots_are_gpus_on_a_gpu_cluster_and_cores_locally():
