@@ -40,7 +40,7 @@ DEFAULT_GUIDANCE = 1.0  # 1.0 = guidance-free; the shipped figures say which def
 # The recipe's defaults for this world (`erase train --model toy`), where they differ from the
 # paper's: its loss has another scale, and its concept prompt sets are small (15 to 30 prompts),
 # so each prompt gets 4 starting noises rather than 1: with one, 400 steps fit the masks to that
-# noise (cross 0.27 with 1, 0.07 with 4, README). Chosen from the runs recorded in the README.
+# noise (cross 0.27 with 1, 0.17 with 4, README). Chosen from the runs recorded in the README.
 RECIPE_DEFAULTS = {"beta": 1.0, "noises_per_prompt": 4}
 
 
