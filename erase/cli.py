@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--substitute", action="append", metavar="OLD=NEW", help="for --target substitute: replace "
                    "OLD in each concept prompt by NEW (repeatable), e.g. 'Van Gogh=a painter'")
     p.add_argument("--beta", type=float, help="weight of the preservation term (smaller: stronger erasure); default: "
-                   "the model's recipe default (" + _recipe_defaults_text() + ")")
+                   "the model's recipe default (" + _recipe_defaults_text("beta") + ")")
     p.add_argument("--lr-ffn", type=float, default=0.5)
     p.add_argument("--lr-norm", type=float, default=0.5)
     p.add_argument("--lr-attn", type=float, default=0.0, help="0 leaves attention heads unmasked (the paper's default)")
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimisation step")
     p.add_argument("--sampling-steps", type=int, help="unrolled sampling steps (default: the model's)")
     p.add_argument("--noises-per-prompt", type=int, help="fixed starting noises per prompt (default: the model's "
-                   "recipe default: 4 for the toy world, 1 otherwise)")
+                   "recipe default (" + _recipe_defaults_text("noises_per_prompt", 1) + ")")
     p.add_argument("--sparsity-weight", type=float, default=0.0, help="weight of the explicit sparsity penalty")
     p.add_argument("--target-sparsity", type=float, help="with --sparsity-weight: penalise only the removed share "
                    "above this budget (default: penalise every removed unit, L1)")
@@ -287,10 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe_defaults_text() -> str:
+def _recipe_defaults_text(key: str, fallback=None) -> str:
+    """'toy: V; flux.1-schnell: V' for one recipe setting, for --help."""
     from pipelines import MODELS, recipe_defaults
 
-    return "; ".join(f"{m}: β {recipe_defaults(m)['beta']:g}" for m in MODELS if m in ("toy", "flux.1-schnell"))
+    return "; ".join(f"{m}: {recipe_defaults(m).get(key, fallback):g}" for m in MODELS if m in ("toy", "flux.1-schnell"))
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
