@@ -169,11 +169,16 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     erase_prompts, neutral = toy_prompt_sets(concept)
     rows = toy_rows(concept, seeds_per_prompt)
     base_cache: dict = {}
-    beta = recipe_defaults("toy")["beta"] if beta is None else beta
+    # the recipe's settings for this concept, as `erase train` would use them: its β, its noises per
+    # prompt and, for a colour or style, its substitution (the word dropped) instead of `substitute_phrase`
+    defaults = recipe_defaults("toy", concept)
+    beta = defaults["beta"] if beta is None else beta
+    substitutions = defaults.get("substitutions") or {concept: substitute_phrase}
 
     def erase_once(strategy: str, run_beta: float) -> dict:
         cfg = TrainConfig(concept=concept, target=strategy, beta=run_beta, steps=steps, seed=seed,
-                          substitutions={concept: substitute_phrase} if strategy == "substitute" else {})
+                          noises_per_prompt=defaults["noises_per_prompt"],
+                          substitutions=substitutions if strategy == "substitute" else {})
         result = train(gen, cfg, erase_prompts, neutral, progress=progress)
         stage = GenerateStage(gen=gen, masks=(result.masks.sites, result.masks.binary()))
         stage.base_cache = base_cache
@@ -184,7 +189,7 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
                 "seconds": round(result.seconds, 1), "learnt_target": result.learnt_target}
 
     out = {"concept": concept, "neighbours": neighbours, "steps": steps, "beta": beta, "seed": seed,
-           "substitute": f"{concept}={substitute_phrase}", "matched_erasure": match, "strategies": {}}
+           "substitute": ", ".join(f"{k}={v!r}" for k, v in substitutions.items()), "matched_erasure": match, "strategies": {}}
     runs = {strategy: [erase_once(strategy, beta)] for strategy in strategies}
     rate = lambda r: r["erasure_rate"]["value"]  # noqa: E731
     if match:

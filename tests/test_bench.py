@@ -63,3 +63,29 @@ def test_match_beta_stops_at_its_run_budget():
 
     tried = bench.match_beta(never_enough, [never_enough(1.0)], level=0.5, tolerance=0.02, max_runs=3)
     assert len(tried) == 3 and len(calls) == 3
+
+
+@pytest.mark.slow  # three short erasures and their evaluations: about a minute here
+def test_target_comparison_trains_with_the_recipes_settings_for_the_concept(monkeypatch):
+    # A style: `erase train` maps it onto its prompt with the word dropped and uses the recipe's
+    # noises per prompt; the benchmark must compare the strategies under those same settings.
+    import erase.train
+    from pipelines import recipe_defaults
+
+    configs = []
+    real_train = erase.train.train
+
+    def spy(gen, cfg, *args, **kwargs):
+        configs.append(cfg)
+        return real_train(gen, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(erase.train, "train", spy)
+    report = bench.compare_targets("striped", ["solid", "outlined"], steps=2, seeds_per_prompt=1, progress=False)
+    assert [c.target for c in configs] == ["empty", "substitute", "adaptive"]
+    recipe = recipe_defaults("toy", "striped")
+    assert all(c.noises_per_prompt == recipe["noises_per_prompt"] and c.beta == recipe["beta"] for c in configs)
+    assert configs[1].substitutions == {"striped": ""} and configs[0].substitutions == {}
+    assert report["substitute"] == "striped=''"
+    for result in report["strategies"].values():
+        assert set(result["neighbour_preservation"]) == {"solid", "outlined"}
+    assert report["strategies"]["adaptive"]["learnt_target"]
