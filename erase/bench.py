@@ -132,32 +132,41 @@ if __name__ == "__main__":
 
 
 def match_beta(erase_at, tried: list[dict], level: float, tolerance: float, max_runs: int) -> list[dict]:
-    """Raise β until the erasure rate (`erase_at(beta)["erasure_rate"]["value"]`) is within `tolerance`
-    of `level`: `tried` holds the runs so far (the last one's rate below the level); β is multiplied
-    by 4 until the rate passes the level, then bisected in log space. Appends to and returns `tried`."""
+    """Move β until the erasure rate (`erase_at(beta)["erasure_rate"]["value"]`) is within `tolerance`
+    of `level`; `tried` holds the runs so far. Smaller β erases harder, so β is divided by 4 while
+    the rate is above the level and multiplied by 4 while it is below, until the level is bracketed;
+    then the bracket is bisected in log space. At most `max_runs` runs in all. Appends to and returns `tried`."""
     rate = lambda r: r["erasure_rate"]["value"]  # noqa: E731
-    low, high = tried[-1]["beta"], None  # erasure rate below the level at `low`, above it at `high`
+    too_hard, too_weak = None, None  # the largest β that erased below the level, the smallest above it
     while abs(rate(tried[-1]) - level) > tolerance and len(tried) < max_runs:
+        beta = tried[-1]["beta"]
         if rate(tried[-1]) < level:
-            low = tried[-1]["beta"]
+            too_hard = beta if too_hard is None else max(too_hard, beta)
         else:
-            high = tried[-1]["beta"]
-        tried.append(erase_at(low * 4 if high is None else (low * high) ** 0.5))
+            too_weak = beta if too_weak is None else min(too_weak, beta)
+        if too_weak is None:
+            beta = too_hard * 4
+        elif too_hard is None:
+            beta = too_weak / 4
+        else:
+            beta = (too_hard * too_weak) ** 0.5
+        tried.append(erase_at(beta))
     return tried
 
 
 def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, beta: float | None = None,
                     seed: int = 0, seeds_per_prompt: int = 4, substitute_phrase: str = "shape",
-                    strategies=("empty", "substitute", "adaptive"), match: bool = False, tolerance: float = 0.02,
-                    max_runs: int = 5, progress: bool = True) -> dict:
+                    strategies=("empty", "substitute", "adaptive"), match: bool = False, level: float | None = None,
+                    tolerance: float = 0.02, max_runs: int = 5, progress: bool = True) -> dict:
     """Erase `concept` from the toy world once per target strategy (same settings, seeds and prompts)
     and measure its erasure and the preservation of its nearest neighbours in the concept graph.
 
     `match`: compare at equal erasure. The strategies erase by different amounts at the same β,
-    and any strategy keeps its neighbours better by erasing less. So each strategy that erases
-    more than the weakest one has its β raised (smaller β erases harder), bracketed by factors of 4
-    and then bisected in log space, up to `max_runs` runs, until its erasure rate is within
-    `tolerance` of the weakest's; the run closest to that level is reported, every run is listed.
+    and any strategy keeps its neighbours better by erasing less. So every strategy's β is moved
+    (`match_beta`: factors of 4, then bisection in log space; up to `max_runs` runs) until its
+    erasure rate is within `tolerance` of `level`: by default the strongest eraser's rate at the
+    first β, the level that matters for erasure. The run closest to the level is reported and
+    every run is listed; a strategy that cannot reach the level shows it in its runs.
     """
     from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, toy_rows
     from erase.prompts import toy_prompt_sets
@@ -193,7 +202,7 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     runs = {strategy: [erase_once(strategy, beta)] for strategy in strategies}
     rate = lambda r: r["erasure_rate"]["value"]  # noqa: E731
     if match:
-        level = max(rate(r[0]) for r in runs.values())  # the weakest eraser sets the level
+        level = min(rate(r[0]) for r in runs.values()) if level is None else level
         out["erasure_level"] = level
         for strategy, tried in runs.items():
             match_beta(lambda b, s=strategy: erase_once(s, b), tried, level, tolerance, max_runs)

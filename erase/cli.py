@@ -232,9 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "of its three nearest neighbours in the concept graph")
     p.add_argument("--graph", metavar="JSON", help="with --targets: the concept graph (erase graph's graph.json) that "
                    "names the neighbours (default: docs/concept_graph/graph.json)")
-    p.add_argument("--match-erasure", action="store_true", help="with --targets: compare at equal erasure: raise beta "
-                   "for each strategy that erases more than the weakest one until its erasure rate is within 2 "
-                   "points of it (up to 5 runs each; every run is listed)")
+    p.add_argument("--match-erasure", action="store_true", help="with --targets: compare at equal erasure: move each "
+                   "strategy's beta (x4 or /4, then bisected) until its erasure rate is within 2 points of the level "
+                   "(up to 5 runs each; every run is listed)")
+    p.add_argument("--erasure-level", type=float, metavar="RATE", help="with --match-erasure: the erasure rate to "
+                   "match (default: the strongest strategy's rate at the recipe's beta)")
     p.add_argument("--search", metavar="CONCEPT", help="instead: the best objective against erasure steps spent, "
                    "the reference code's grid (beta in 0.1..1e-5, moved to the model's beta scale: 10..1e-3 for the toy "
                    "world; times --lrs) against erase sweep (Optuna + ASHA, "
@@ -801,7 +803,7 @@ def _bench_targets(args) -> int:
         raise ValueError(f"the concept graph in {path} has no row for {args.targets!r}; it has {', '.join(delta)}")
     neighbours = graph.nearest_neighbours(delta, args.targets, 3)
     report = bench.compare_targets(args.targets, neighbours, steps=args.train_steps or 400, match=args.match_erasure,
-                                   progress=not args.json)
+                                   level=args.erasure_level, progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

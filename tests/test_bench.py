@@ -54,6 +54,24 @@ def test_match_beta_raises_beta_until_the_erasure_rate_meets_the_level():
     assert 16.0 < tried[-1]["beta"] < 64.0  # then bisected inside the bracket
 
 
+def test_match_beta_lowers_beta_when_the_concept_is_not_erased_enough():
+    def erase_at(beta):  # the same stand-in: the level 0.05 lies at β 0.25
+        return {"beta": beta, "erasure_rate": {"value": min(1.0, 0.1 * beta ** 0.5)}}
+
+    tried = bench.match_beta(erase_at, [erase_at(4.0)], level=0.05, tolerance=0.005, max_runs=12)
+    assert [r["beta"] for r in tried] == [4.0, 1.0, 0.25]  # /4 until the rate reaches the level
+
+
+def test_match_beta_bisects_between_both_sides():
+    def erase_at(beta):  # level 0.3 at β 9: overshoots from 1 to 4 to 16, then bisects 4..16
+        return {"beta": beta, "erasure_rate": {"value": min(1.0, 0.1 * beta ** 0.5)}}
+
+    tried = bench.match_beta(erase_at, [erase_at(1.0)], level=0.3, tolerance=0.001, max_runs=30)
+    assert [r["beta"] for r in tried][:4] == [1.0, 4.0, 16.0, 8.0]
+    assert all(4.0 <= r["beta"] <= 16.0 for r in tried[2:])
+    assert abs(tried[-1]["erasure_rate"]["value"] - 0.3) <= 0.001
+
+
 def test_match_beta_stops_at_its_run_budget():
     calls = []
 
