@@ -6,13 +6,15 @@ Generates every (object, colour, style) prompt of the toy world with a group of 
 to zero (every unit of it removed at once, the most any mask over those sites can remove) and
 prints the share of generations in which the detector still finds the prompted object, colour
 and style. A concept whose detection survives the removal of every unit a mask may touch
-cannot be erased by such a mask without a different generator or other sites; the README's
-toy-world section records one run.
+cannot be erased by such a mask without a different generator or other sites. Two more rows
+zero layers of the text encoder, which no mask site covers, to show where the colour's way in
+runs. The README's toy-world section records one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -32,6 +34,32 @@ ABLATIONS = {
     "ffn + norm (the default sites)": lambda site: site.group in ("ffn", "norm"),
     "attn, every head": lambda site: site.group == "attn",
 }
+# Outside the transformer, so outside every mask site of the method: the toy text encoder's own
+# layers (FLUX.1's T5 in miniature), zeroed to see where the colour word's way in runs.
+# name -> suffixes of the text encoder's linear layers whose weights and biases are zeroed
+TEXT_ENCODER_ABLATIONS = {
+    "text encoder: every self-attention output": ("self_attn.out_proj",),
+    "text encoder: every FFN output": ("linear2",),
+}
+
+
+@contextlib.contextmanager
+def zeroed(module: torch.nn.Module, suffixes: tuple[str, ...]):
+    """Zero the weights and biases of the submodules whose names end with one of `suffixes`; restore them after."""
+    saved = {name: param.detach().clone() for name, param in module.named_parameters()
+             if name.rsplit(".", 1)[0].endswith(suffixes)}
+    if not saved:
+        raise ValueError(f"no parameters of {type(module).__name__} end with {suffixes}")
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name in saved:
+            params[name].zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
 
 
 @torch.no_grad()
@@ -58,12 +86,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     gen, detector = load_generator("toy"), load_detector()
     rows = {name: detection_with_removed(gen, detector, remove, args.seeds) for name, remove in ABLATIONS.items()}
+    for name, suffixes in TEXT_ENCODER_ABLATIONS.items():
+        with zeroed(gen.text_encoder, suffixes):
+            rows[name] = detection_with_removed(gen, detector, ABLATIONS["none"], args.seeds)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'removed':32s} {'object':>7s} {'colour':>7s} {'style':>7s}")
+    print(f"{'removed':44s} {'object':>7s} {'colour':>7s} {'style':>7s}")
     for name, row in rows.items():
-        print(f"{name:32s} {row['object']:7.2f} {row['colour']:7.2f} {row['style']:7.2f}")
+        print(f"{name:44s} {row['object']:7.2f} {row['colour']:7.2f} {row['style']:7.2f}")
     return 0
 
 

@@ -73,3 +73,19 @@ def test_ablation_removes_whole_site_groups_and_the_detector_sees_it(shipped):
     assert all(no_heads[a] <= untouched[a] - 0.4 for a in ("object", "colour", "style")), (untouched, no_heads)
     # and the hooks are gone afterwards: the same call gives the same figures again
     assert detection_with_removed(gen, detector, ABLATIONS["none"], seeds_per_prompt=1) == untouched
+
+
+def test_zeroed_text_encoder_layers_come_back_whole(shipped):
+    from pipelines.toy_ablation import TEXT_ENCODER_ABLATIONS, zeroed
+
+    gen, _ = shipped
+    before = {k: v.clone() for k, v in gen.text_encoder.state_dict().items()}
+    with zeroed(gen.text_encoder, TEXT_ENCODER_ABLATIONS["text encoder: every self-attention output"]):
+        inside = gen.text_encoder.state_dict()
+        out_proj = [k for k in inside if "self_attn.out_proj" in k]
+        assert out_proj and all(inside[k].abs().sum() == 0 for k in out_proj)
+        assert all(torch.equal(inside[k], before[k]) for k in inside if k not in out_proj)
+    assert all(torch.equal(v, before[k]) for k, v in gen.text_encoder.state_dict().items())
+    with pytest.raises(ValueError, match="no parameters"):
+        with zeroed(gen.text_encoder, ("no_such_layer",)):
+            pass
