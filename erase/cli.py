@@ -716,19 +716,21 @@ def cmd_graph(args) -> int:
             raise ValueError(f"the erasure of {summary['concept']!r} did not finish; see {summary['study_dir']}")
         masks[summary["concept"]] = summary["best"]["mask_file"]
     rows = [r for r in toy_rows(None, args.seeds_per_prompt) if r["concept"] in concepts]
-    base, erased = graph.measure(args.model, masks, rows, {"name": "toy"}, model_path=args.model_path,
+    base, base_by_erased, erased = graph.measure(args.model, masks, rows, {"name": "toy"}, model_path=args.model_path,
                                  progress=not args.json)
-    delta = graph.side_effects(base, erased)
+    delta = graph.side_effects(base_by_erased, erased)
     os.makedirs(args.out_dir, exist_ok=True)
-    result = {"sweep_id": specs[0].sweep_id, "concepts": concepts, "base_detection": base, "detection_after": erased,
+    result = {"sweep_id": specs[0].sweep_id, "concepts": concepts, "base_detection": base,
+              "base_detection_without_erased": base_by_erased, "detection_after": erased,
               "delta": delta, "masks": masks, "seeds_per_prompt": args.seeds_per_prompt,
               "neighbours": {c: graph.nearest_neighbours(delta, c) for c in concepts}}
     with open(os.path.join(args.out_dir, "graph.json"), "w") as f:
         json.dump(result, f, indent=2)
     table = graph.markdown_table(delta)
     with open(os.path.join(args.out_dir, "graph.md"), "w") as f:
-        f.write(f"Side effect Δ(erased, measured) = base detection - detection after erasure "
-                f"(sweep {specs[0].sweep_id}, {len(rows)} generations per mask)\n\n{table}\n")
+        f.write(f"Side effect Δ(erased, measured) = base detection - detection after erasure, on the measured "
+                f"concept's prompts that do not name the erased one (sweep {specs[0].sweep_id}, "
+                f"{args.seeds_per_prompt} seeds per prompt)\n\n{table}\n")
     graph.heatmap(delta, os.path.join(args.out_dir, "graph.png"))
     if args.json:
         print(json.dumps(result, indent=2))

@@ -3,7 +3,9 @@
     Δ(c_e, c_j) = G_0(c_j) - G_{c_e}(c_j)
 
 G(c) is the share of generations for prompts naming c in which the detector finds c, before
-(G_0) and after erasing c_e. The diagonal is the erasure itself; a large off-diagonal entry
+(G_0) and after erasing c_e, over the prompts for c that do not also name c_e: a striped cross
+that loses its cross is the erasure itself, not a side effect on `striped` (the toy world
+detects a style only on an object), so both G_0 and G_{c_e} leave those prompts out. The diagonal is the erasure itself; a large off-diagonal entry
 means c_j is a neighbour of c_e that erasure hurts. `erase graph` runs the erasures as a sweep
 (one study per concept, fixed settings from a space file) and then evaluates every mask on
 every concept; the matrix is written as a table (JSON, Markdown) and a heatmap PNG.
@@ -14,9 +16,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def side_effects(base: dict[str, float], erased: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Δ[c_e][c_j] from base detection rates and each erasure's detection rates."""
-    return {ce: {cj: base[cj] - rates[cj] for cj in base} for ce, rates in erased.items()}
+def side_effects(base: dict[str, dict[str, float]], erased: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Δ[c_e][c_j] from each erasure's base and masked detection rates (both on the same rows)."""
+    return {ce: {cj: base[ce][cj] - rates[cj] for cj in base[ce]} for ce, rates in erased.items()}
+
+
+def rows_for_side_effects(rows: list[dict], erased: str) -> list[dict]:
+    """The erased concept's own prompts, and every other concept's prompts that do not name it."""
+    return [r for r in rows if r["concept"] == erased or erased not in r["prompt"].lower().replace(",", " ").split()]
 
 
 def nearest_neighbours(delta: dict[str, dict[str, float]], concept: str, n: int = 3) -> list[str]:
@@ -63,17 +70,19 @@ def heatmap(delta: dict[str, dict[str, float]], path: str, cell: int = 56,
 
 
 def measure(model: str, mask_files: dict[str, str], rows: list[dict], detector: dict, *, model_path: str | None = None,
-            device: str = "cpu", progress: bool = False) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Detection rate of every concept, base and with each concept's mask (same rows, same seeds)."""
+            device: str = "cpu", progress: bool = False) -> tuple[dict, dict[str, dict], dict[str, dict]]:
+    """Detection rates of every concept: the base model's on all rows; then for each erased concept,
+    base and masked on `rows_for_side_effects` (same seeds)."""
     from erase.evaluate import DetectStage, GenerateStage, figures, run_stages_locally
     from erase.masks import binary_from_file_meta, load_mask_file
 
     stage = GenerateStage(model, model_path, device=device)  # base images are cached across masks
     detect = DetectStage(detector, device=device)
     base = figures(run_stages_locally(rows, stage, detect, progress=progress), None)["detection"]
-    erased = {}
+    base_by_erased, erased = {}, {}
     for concept, path in mask_files.items():
         masks, meta = load_mask_file(path, stage.gen.mask_sites(), model)
         stage.sites, stage.binary = masks.sites, binary_from_file_meta(masks, meta)
-        erased[concept] = figures(run_stages_locally(rows, stage, detect, progress=progress), None)["detection"]
-    return base, erased
+        measured = figures(run_stages_locally(rows_for_side_effects(rows, concept), stage, detect, progress=progress), None)
+        base_by_erased[concept], erased[concept] = measured["base_detection"], measured["detection"]
+    return base, base_by_erased, erased
