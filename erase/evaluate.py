@@ -306,8 +306,11 @@ def figures(rows: list[dict], concept: str | None) -> dict:
         return report
     if concept not in base_hits:
         raise ValueError(f"no evaluation prompts name the concept {concept!r}")
-    others_base = {c: v for c, v in base_hits.items() if c != concept}
-    others_now = {c: v for c, v in now_hits.items() if c != concept}
+    # Another concept's prompts that also name the erased one ("a red cross" for red, when erasing
+    # the cross) measure the erasure itself, not a side effect: preservation leaves them out.
+    unrelated = lambda r, c: plain(r, c) and c != concept and not names(r["prompt"], concept)  # noqa: E731
+    others_base = {c: v for c, v in hits("found_base", unrelated).items() if v.size}
+    others_now = {c: v for c, v in hits(side, unrelated).items() if v.size}
     report.update(
         concept=concept,
         erasure_rate=rate(now_hits[concept]),

@@ -23,7 +23,9 @@ def side_effects(base: dict[str, dict[str, float]], erased: dict[str, dict[str, 
 
 def rows_for_side_effects(rows: list[dict], erased: str) -> list[dict]:
     """The erased concept's own prompts, and every other concept's prompts that do not name it."""
-    return [r for r in rows if r["concept"] == erased or erased not in r["prompt"].lower().replace(",", " ").split()]
+    from erase.evaluate import names
+
+    return [r for r in rows if r["concept"] == erased or not names(r["prompt"], erased)]
 
 
 def nearest_neighbours(delta: dict[str, dict[str, float]], concept: str, n: int = 3) -> list[str]:

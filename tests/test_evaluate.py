@@ -66,6 +66,17 @@ def test_figures_from_rows():
     assert report["detection"] == {"circle": pytest.approx(0.1), "square": pytest.approx(0.8)}
 
 
+def test_preservation_leaves_out_other_concepts_prompts_that_name_the_erased_one():
+    # erasing the circle: 'a red circle' losing its circle is the erasure, not damage to red
+    rows = ([_row("circle", "concept", True, False)] * 4 + [_row("red", "concept", True, False, "a red circle")] * 2
+            + [_row("red", "concept", True, True, "a red square")] * 2 + [_row("square", "concept", True, True)] * 2
+            + [_row("striped", "concept", True, False, "a striped circle")])
+    report = figures(rows, "circle")
+    assert report["preservation_by_concept"] == {"red": 1.0, "square": 1.0}  # striped: no prompt left, not measured
+    assert report["preservation"]["value"] == pytest.approx(1.0)
+    assert report["detection"]["red"] == pytest.approx(0.5)  # the raw detection rate still counts every prompt
+
+
 def test_neutral_fidelity_skips_rows_naming_the_concept():
     same = _row("square", "concept", True, True, "a red square", image=10)
     changed = dict(_row("red", "concept", True, True, "a red circle", image=10))
