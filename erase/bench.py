@@ -154,6 +154,16 @@ def match_beta(erase_at, tried: list[dict], level: float, tolerance: float, max_
     return tried
 
 
+def matching_level(first_rates: dict[str, float], level: float | None = None) -> float:
+    """The erasure rate the strategies are matched at: `level` if given, else the strongest
+    strategy's rate at the first β (the lowest: the level that matters for erasure)."""
+    if level is None:
+        return min(first_rates.values())
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"the erasure level is a rate between 0 and 1, got {level} (5% is 0.05)")
+    return level
+
+
 def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, beta: float | None = None,
                     seed: int = 0, seeds_per_prompt: int = 4, substitute_phrase: str = "shape",
                     strategies=("empty", "substitute", "adaptive"), match: bool = False, level: float | None = None,
@@ -192,9 +202,11 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
         stage = GenerateStage(gen=gen, masks=(result.masks.sites, result.masks.binary()))
         stage.base_cache = base_cache
         report, _ = evaluate(EvalSettings(concept=concept, attack=None), rows, stages=(stage, detect))
-        kept = {n: report["preservation_by_concept"][n] for n in neighbours}
+        # None: the neighbour was not measured (no prompt of it left, or a base rate of 0)
+        kept = {n: report["preservation_by_concept"].get(n) for n in neighbours}
+        measured = [v for v in kept.values() if v is not None]
         return {"beta": run_beta, "erasure_rate": report["erasure_rate"], "preservation": report["preservation"],
-                "neighbour_preservation": kept, "neighbour_mean": sum(kept.values()) / len(kept),
+                "neighbour_preservation": kept, "neighbour_mean": sum(measured) / len(measured) if measured else None,
                 "seconds": round(result.seconds, 1), "learnt_target": result.learnt_target}
 
     out = {"concept": concept, "neighbours": neighbours, "steps": steps, "beta": beta, "seed": seed,
@@ -202,7 +214,7 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     runs = {strategy: [erase_once(strategy, beta)] for strategy in strategies}
     rate = lambda r: r["erasure_rate"]["value"]  # noqa: E731
     if match:
-        level = min(rate(r[0]) for r in runs.values()) if level is None else level
+        level = matching_level({s: rate(r[0]) for s, r in runs.items()}, level)
         out["erasure_level"] = level
         for strategy, tried in runs.items():
             match_beta(lambda b, s=strategy: erase_once(s, b), tried, level, tolerance, max_runs)

@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("graph", help="concept graph: erase each concept, measure every other, draw the heatmap",
                        description="AGE's concept graph as a sweep: one erasure per concept (a study each, fixed "
                        "settings from --space), then every mask evaluated on every concept. Writes the side-effect "
-                       "matrix Δ(erased, measured) = base detection - detection after erasure as JSON, a Markdown "
-                       "table and a heatmap PNG.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "matrix Δ(erased, measured) = base detection - detection after erasure, on the measured "
+                       "concept's prompts that do not name the erased one, as JSON, a Markdown table and a heatmap PNG.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p, default="toy")
     p.add_argument("--concepts", help="comma-separated concepts (toy default: its six objects)")
     p.add_argument("--space", default="concept_graph", help="settings of every erasure (a space file)")
@@ -795,6 +795,11 @@ def cmd_bench(args) -> int:
 def _bench_targets(args) -> int:
     from erase import bench, graph
 
+    if args.erasure_level is not None:
+        if not args.match_erasure:
+            raise ValueError("--erasure-level is the rate --match-erasure matches at: pass both")
+        bench.matching_level({}, args.erasure_level)  # a rate out of [0, 1] fails before any training
+
     path = args.graph or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                                       "concept_graph", "graph.json")
     if not os.path.isfile(path):
@@ -815,7 +820,7 @@ def _bench_targets(args) -> int:
           + f" {'neighbours':>10}")
     for name, r in report["strategies"].items():
         print(f"{name:<11} {r['erasure_rate']['value']:>14.3f} {r['preservation']['value']:>13.3f} "
-              + " ".join(f"{r['neighbour_preservation'][n]:>10.3f}" for n in neighbours) + f" {r['neighbour_mean']:>10.3f}")
+              + " ".join(_fixed(r["neighbour_preservation"][n]) for n in neighbours) + f" {_fixed(r['neighbour_mean'])}")
         if r["learnt_target"]:
             print("            learnt target: " + ", ".join(f"{t['concept']} {t['weight']:.2f}" for t in r["learnt_target"]))
         if len(r["runs"]) > 1:
@@ -826,6 +831,10 @@ def _bench_targets(args) -> int:
         print(f"erasure rates {verdict} within 2 points (spread {report['erasure_spread']:.3f}, "
               f"level {report['erasure_level']:.3f})")
     return 0
+
+
+def _fixed(value: float | None) -> str:
+    return f"{'n/a':>10}" if value is None else f"{value:>10.3f}"
 
 
 def _bench_search(args) -> int:

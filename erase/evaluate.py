@@ -11,7 +11,9 @@ images for preservation, normal for means):
 - detection rate of a concept: share of its "concept" generations in which the detector finds it;
 - erasure_rate: the erased concept's detection rate with the mask (lower is better);
 - preservation: the other concepts' detection rates with the mask relative to the base model,
-  averaged (1.0 = untouched);
+  averaged (1.0 = untouched), on their prompts that do not name the erased concept ("a red
+  cross" losing its cross is the erasure, not damage to red); the per-concept detection rates
+  still count every prompt;
 - neutral_fidelity: mean absolute pixel difference (images in [0, 1]) between masked and base
   generations from the same noise, on prompts that do not name the concept (0 = identical);
 - rephrase_erasure_rate: detection rate of the concept on "rephrase" prompts, with the mask;

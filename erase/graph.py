@@ -54,7 +54,8 @@ def heatmap(delta: dict[str, dict[str, float]], path: str, cell: int = 56,
     draw = ImageDraw.Draw(image)
     draw.text((10, 10), title, fill="black")
     # PIL's built-in font has no Greek letters: plain words only
-    draw.text((10, 28), "rows: erased concept; columns: measured concept; red = detection lost", fill="gray")
+    draw.text((10, 28), "rows: erased concept; columns: measured concept, on its prompts not naming the erased one; "
+              "red = detection lost", fill="gray")
     for j, c in enumerate(columns):
         draw.text((left + j * cell + 4, top - 18), c[:9], fill="black")
     for i, ce in enumerate(rows):

@@ -47,7 +47,7 @@ TEXT_ENCODER_ABLATIONS = {
 def zeroed(module: torch.nn.Module, suffixes: tuple[str, ...]):
     """Zero the weights and biases of the submodules whose names end with one of `suffixes`; restore them after."""
     saved = {name: param.detach().clone() for name, param in module.named_parameters()
-             if name.rsplit(".", 1)[0].endswith(suffixes)}
+             if any(("." + name.rsplit(".", 1)[0]).endswith("." + suffix) for suffix in suffixes)}
     if not saved:
         raise ValueError(f"no parameters of {type(module).__name__} end with {suffixes}")
     params = dict(module.named_parameters())

@@ -63,13 +63,33 @@ def test_match_beta_lowers_beta_when_the_concept_is_not_erased_enough():
 
 
 def test_match_beta_bisects_between_both_sides():
-    def erase_at(beta):  # level 0.3 at β 9: overshoots from 1 to 4 to 16, then bisects 4..16
+    def erase_at(beta):  # level 0.3 at β 9
         return {"beta": beta, "erasure_rate": {"value": min(1.0, 0.1 * beta ** 0.5)}}
 
-    tried = bench.match_beta(erase_at, [erase_at(1.0)], level=0.3, tolerance=0.001, max_runs=30)
-    assert [r["beta"] for r in tried][:4] == [1.0, 4.0, 16.0, 8.0]
-    assert all(4.0 <= r["beta"] <= 16.0 for r in tried[2:])
+    # from above: 64 and 16 erase too little, 4 too much; then bisected inside 4..16
+    tried = bench.match_beta(erase_at, [erase_at(64.0)], level=0.3, tolerance=0.001, max_runs=30)
+    assert [r["beta"] for r in tried][:4] == [64.0, 16.0, 4.0, 8.0]
+    assert all(4.0 <= r["beta"] <= 16.0 for r in tried[1:])
     assert abs(tried[-1]["erasure_rate"]["value"] - 0.3) <= 0.001
+
+
+def test_match_beta_keeps_the_tightest_bracket_when_rates_are_noisy():
+    rates = {1.0: 0.5, 0.25: 0.0, 0.5: 0.6, 0.3535533905932738: 0.3}  # β 0.5 erases less than β 1 did: noise
+
+    def erase_at(beta):
+        return {"beta": beta, "erasure_rate": {"value": rates[beta]}}
+
+    tried = bench.match_beta(erase_at, [erase_at(1.0)], level=0.3, tolerance=0.01, max_runs=10)
+    # 1 too weak -> /4; 0.25 too hard -> sqrt(0.25 * 1); 0.5 too weak -> sqrt(0.25 * 0.5), not sqrt(0.25 * 1)
+    assert [r["beta"] for r in tried] == [1.0, 0.25, 0.5, 0.3535533905932738]
+
+
+def test_the_matching_level_is_the_strongest_strategys_rate_or_the_one_given():
+    first = {"empty": 0.17, "substitute": 0.6, "adaptive": 0.4}
+    assert bench.matching_level(first) == 0.17
+    assert bench.matching_level(first, 0.05) == 0.05
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        bench.matching_level(first, 5)
 
 
 def test_match_beta_stops_at_its_run_budget():

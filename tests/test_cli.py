@@ -77,6 +77,8 @@ def test_nan_loss_exits_nonzero_and_keeps_the_last_good_mask(tmp_path, capsys, m
     (["train", "--model", "flux-tiny", "--concept", "cat", "--out", "/no/dir/m.safetensors"],
      "output folder '/no/dir' does not exist"),
     (["masks", "inspect", "/no/mask.safetensors"], "does not exist"),
+    (["bench", "--targets", "cross", "--erasure-level", "0.05"], "--erasure-level is the rate --match-erasure matches"),
+    (["bench", "--targets", "cross", "--match-erasure", "--erasure-level", "5"], "(5% is 0.05)"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(capsys, argv, message):
     code, _, err = run(capsys, *argv)
