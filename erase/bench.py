@@ -205,9 +205,14 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
         # None: the neighbour was not measured (no prompt of it left, or a base rate of 0)
         kept = {n: report["preservation_by_concept"].get(n) for n in neighbours}
         measured = [v for v in kept.values() if v is not None]
-        return {"beta": run_beta, "erasure_rate": report["erasure_rate"], "preservation": report["preservation"],
-                "neighbour_preservation": kept, "neighbour_mean": sum(measured) / len(measured) if measured else None,
-                "seconds": round(result.seconds, 1), "learnt_target": result.learnt_target}
+        run = {"beta": run_beta, "erasure_rate": report["erasure_rate"], "preservation": report["preservation"],
+               "neighbour_preservation": kept, "neighbour_mean": sum(measured) / len(measured) if measured else None,
+               "seconds": round(result.seconds, 1), "learnt_target": result.learnt_target}
+        # one line per run on stderr, with or without --json: a benchmark of an hour or more shows
+        # where it is, and an interrupted one leaves what it measured in the log
+        print(f"bench targets: {concept} {strategy} beta {run_beta:.4g}: {json.dumps(run, default=str)}",
+              file=sys.stderr, flush=True)
+        return run
 
     out = {"concept": concept, "neighbours": neighbours, "steps": steps, "beta": beta, "seed": seed,
            "substitute": ", ".join(f"{k}={v!r}" for k, v in substitutions.items()), "matched_erasure": match, "strategies": {}}
