@@ -104,7 +104,7 @@ def test_match_beta_stops_at_its_run_budget():
 
 
 @pytest.mark.slow  # three short erasures and their evaluations: about a minute here
-def test_target_comparison_trains_with_the_recipes_settings_for_the_concept(monkeypatch):
+def test_target_comparison_trains_with_the_recipes_settings_for_the_concept(monkeypatch, capsys):
     # A style: `erase train` maps it onto its prompt with the word dropped and uses the recipe's
     # noises per prompt; the benchmark must compare the strategies under those same settings.
     import erase.train
@@ -127,3 +127,5 @@ def test_target_comparison_trains_with_the_recipes_settings_for_the_concept(monk
     for result in report["strategies"].values():
         assert set(result["neighbour_preservation"]) == {"solid", "outlined"}
     assert report["strategies"]["adaptive"]["learnt_target"]
+    logged = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench targets: striped")]
+    assert [line.split()[3] for line in logged] == ["empty", "substitute", "adaptive"]  # one line per run
