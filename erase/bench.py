@@ -215,7 +215,8 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
         return run
 
     out = {"concept": concept, "neighbours": neighbours, "steps": steps, "beta": beta, "seed": seed,
-           "substitute": ", ".join(f"{k}={v!r}" for k, v in substitutions.items()), "matched_erasure": match, "strategies": {}}
+           "substitute": ", ".join(f"{k}={v!r}" for k, v in substitutions.items()), "matched_erasure": match,
+           "strategies": {}}
     runs = {strategy: [erase_once(strategy, beta)] for strategy in strategies}
     rate = lambda r: r["erasure_rate"]["value"]  # noqa: E731
     if match:

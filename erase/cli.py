@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="AGE's concept graph as a sweep: one erasure per concept (a study each, fixed "
                        "settings from --space), then every mask evaluated on every concept. Writes the side-effect "
                        "matrix Δ(erased, measured) = base detection - detection after erasure, on the measured "
-                       "concept's prompts that do not name the erased one, as JSON, a Markdown table and a heatmap PNG.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "concept's prompts that do not name the erased one, as JSON, a Markdown table and a heatmap "
+                       "PNG.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p, default="toy")
     p.add_argument("--concepts", help="comma-separated concepts (toy default: its six objects)")
     p.add_argument("--space", default="concept_graph", help="settings of every erasure (a space file)")
@@ -716,8 +717,8 @@ def cmd_graph(args) -> int:
             raise ValueError(f"the erasure of {summary['concept']!r} did not finish; see {summary['study_dir']}")
         masks[summary["concept"]] = summary["best"]["mask_file"]
     rows = [r for r in toy_rows(None, args.seeds_per_prompt) if r["concept"] in concepts]
-    base, base_by_erased, erased = graph.measure(args.model, masks, rows, {"name": "toy"}, model_path=args.model_path,
-                                 progress=not args.json)
+    base, base_by_erased, erased = graph.measure(args.model, masks, rows, {"name": "toy"},
+                                                 model_path=args.model_path, progress=not args.json)
     delta = graph.side_effects(base_by_erased, erased)
     os.makedirs(args.out_dir, exist_ok=True)
     result = {"sweep_id": specs[0].sweep_id, "concepts": concepts, "base_detection": base,

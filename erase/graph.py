@@ -5,8 +5,8 @@
 G(c) is the share of generations for prompts naming c in which the detector finds c, before
 (G_0) and after erasing c_e, over the prompts for c that do not also name c_e: a striped cross
 that loses its cross is the erasure itself, not a side effect on `striped` (the toy world
-detects a style only on an object), so both G_0 and G_{c_e} leave those prompts out. The diagonal is the erasure itself; a large off-diagonal entry
-means c_j is a neighbour of c_e that erasure hurts. `erase graph` runs the erasures as a sweep
+detects a style only on an object), so both G_0 and G_{c_e} leave those prompts out. The
+diagonal is the erasure itself; a large off-diagonal entry means c_j is a neighbour of c_e that erasure hurts. `erase graph` runs the erasures as a sweep
 (one study per concept, fixed settings from a space file) and then evaluates every mask on
 every concept; the matrix is written as a table (JSON, Markdown) and a heatmap PNG.
 """
@@ -86,6 +86,7 @@ def measure(model: str, mask_files: dict[str, str], rows: list[dict], detector: 
     for concept, path in mask_files.items():
         masks, meta = load_mask_file(path, stage.gen.mask_sites(), model)
         stage.sites, stage.binary = masks.sites, binary_from_file_meta(masks, meta)
-        measured = figures(run_stages_locally(rows_for_side_effects(rows, concept), stage, detect, progress=progress), None)
+        kept_rows = rows_for_side_effects(rows, concept)
+        measured = figures(run_stages_locally(kept_rows, stage, detect, progress=progress), None)
         base_by_erased[concept], erased[concept] = measured["base_detection"], measured["detection"]
     return base, base_by_erased, erased
