@@ -164,6 +164,12 @@ def matching_level(first_rates: dict[str, float], level: float | None = None) ->
     return level
 
 
+def hardest_common_level(strategies: dict) -> float:
+    """The lowest erasure rate every strategy reached in its runs: the level to match at when one of
+    them cannot reach the default (e.g. an adaptive target that stops erasing harder as β falls)."""
+    return max(min(run["erasure_rate"] for run in s["runs"]) for s in strategies.values())
+
+
 def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, beta: float | None = None,
                     seed: int = 0, seeds_per_prompt: int = 4, substitute_phrase: str = "shape",
                     strategies=("empty", "substitute", "adaptive"), match: bool = False, level: float | None = None,

@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "strategy's beta (x4 or /4, then bisected) until its erasure rate is within 2 points of the level "
                    "(up to 5 runs each; every run is listed)")
     p.add_argument("--erasure-level", type=float, metavar="RATE", help="with --match-erasure: the erasure rate to "
-                   "match (default: the strongest strategy's rate at the recipe's beta)")
+                   "match (default: the strongest strategy's rate at the recipe's beta; when a strategy cannot reach it, "
+                   "the output names the hardest rate every strategy reached)")
     p.add_argument("--search", metavar="CONCEPT", help="instead: the best objective against erasure steps spent, "
                    "the reference code's grid (beta in 0.1..1e-5, moved to the model's beta scale: 10..1e-3 for the toy "
                    "world; times --lrs) against erase sweep (Optuna + ASHA, "
@@ -831,6 +832,11 @@ def _bench_targets(args) -> int:
         verdict = "equal" if report["equal_erasure"] else "NOT equal"
         print(f"erasure rates {verdict} within 2 points (spread {report['erasure_spread']:.3f}, "
               f"level {report['erasure_level']:.3f})")
+        if not report["equal_erasure"]:
+            from erase.bench import hardest_common_level
+
+            print(f"the hardest erasure every strategy reached is {hardest_common_level(report['strategies']):.3f}: "
+                  "compare there with --erasure-level RATE")
     return 0
 
 

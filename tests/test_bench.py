@@ -92,6 +92,13 @@ def test_the_matching_level_is_the_strongest_strategys_rate_or_the_one_given():
         bench.matching_level(first, 5)
 
 
+def test_the_hardest_common_level_is_the_lowest_rate_the_weakest_eraser_reached():
+    # the cross benchmark matched at 0.15: adaptive's rates rose again below beta 0.0625
+    runs = {"empty": [0.15], "substitute": [0.52, 0.18, 0.12, 0.10, 0.17], "adaptive": [0.62, 0.35, 0.20, 0.40, 0.37]}
+    strategies = {s: {"runs": [{"erasure_rate": r} for r in rates]} for s, rates in runs.items()}
+    assert bench.hardest_common_level(strategies) == 0.20
+
+
 def test_match_beta_stops_at_its_run_budget():
     calls = []
 

@@ -1,6 +1,7 @@
 """The `erase` command end to end, in process: output, files, and errors for bad input."""
 
 import json
+import os
 import pickle
 
 import pytest
@@ -192,3 +193,16 @@ def test_ray_output_goes_to_stderr_while_json_is_kept_for_stdout():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [1, 2] and "(raylet) WARNING" in done.stderr
+
+
+def test_bench_targets_names_the_level_to_match_at_when_erasure_is_not_equal(monkeypatch, capsys):
+    # the level-0.15 cross benchmark, replayed: adaptive never reached 0.15, so the run was not equal
+    from erase import bench
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "age_cross_level015.json")) as f:
+        report = json.load(f)
+    monkeypatch.setattr(bench, "compare_targets", lambda *args, **kwargs: report)
+    code, out, _ = run(capsys, "bench", "--targets", "cross", "--match-erasure")
+    assert code == 0
+    assert "erasure rates NOT equal within 2 points (spread 0.050, level 0.150)" in out
+    assert "the hardest erasure every strategy reached is 0.200: compare there with --erasure-level RATE" in out
