@@ -6,9 +6,10 @@ G(c) is the share of generations for prompts naming c in which the detector find
 (G_0) and after erasing c_e, over the prompts for c that do not also name c_e: a striped cross
 that loses its cross is the erasure itself, not a side effect on `striped` (the toy world
 detects a style only on an object), so both G_0 and G_{c_e} leave those prompts out. The
-diagonal is the erasure itself; a large off-diagonal entry means c_j is a neighbour of c_e that erasure hurts. `erase graph` runs the erasures as a sweep
-(one study per concept, fixed settings from a space file) and then evaluates every mask on
-every concept; the matrix is written as a table (JSON, Markdown) and a heatmap PNG.
+diagonal is the erasure itself; a large off-diagonal entry means c_j is a neighbour of c_e
+that erasure hurts. `erase graph` runs the erasures as a sweep (one study per concept, fixed
+settings from a space file) and then evaluates every mask on every concept; the matrix is
+written as a table (JSON, Markdown) and a heatmap PNG.
 """
 
 from __future__ import annotations
