@@ -57,7 +57,7 @@ def read_vocabulary(source: str | list[str] | None, model: str, concept: str) ->
         if model != "toy":
             raise PromptError("the adaptive target needs a vocabulary for this model: pass --vocabulary FILE "
                               "(one concept per line) or a comma-separated list")
-        from pipelines import toy_world as world
+        from erase.pipelines import toy_world as world
 
         words = list(world.GROUPS[world.group_of(concept)]) if concept in world.all_concepts() else world.all_concepts()
     elif os.path.isfile(source):

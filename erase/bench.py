@@ -49,7 +49,7 @@ def measure_row(model: str, steps: int, checkpointing: bool, *, batch_size: int 
                 repeats: int = 2, device: str = "cpu", model_path: str | None = None) -> dict:
     """One row, measured in this process."""
     from erase.train import TrainConfig, train
-    from pipelines import load_generator
+    from erase.pipelines import load_generator
 
     gen = load_generator(model, model_path, device=device)
     cfg = TrainConfig(concept="bench", sites=tuple(sites), steps=1 + repeats, batch_size=batch_size,
@@ -78,7 +78,7 @@ def run(model: str = "flux-bench", steps_list=(1, 2, 4, 8), *, batch_size: int =
     """All rows, each in its own subprocess; returns the report with ratios against the bars."""
     from tqdm import tqdm
 
-    from pipelines import load_generator
+    from erase.pipelines import load_generator
 
     gen = load_generator(model, model_path, device="cpu")
     params = sum(p.numel() for p in gen.transformer.parameters())
@@ -187,7 +187,7 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, toy_rows
     from erase.prompts import toy_prompt_sets
     from erase.train import TrainConfig, train
-    from pipelines import load_generator, recipe_defaults
+    from erase.pipelines import load_generator, recipe_defaults
 
     gen = load_generator("toy")
     detect = DetectStage({"name": "toy"})
@@ -252,7 +252,7 @@ def grid_betas(model: str) -> list[float]:
 
     The toy world's loss is about 100x FLUX.1's (its recipe β is 1.0, not 0.01), so the FLUX
     grid taken as it is would test only βs at which the toy loses most of what it should keep."""
-    from pipelines import recipe_defaults
+    from erase.pipelines import recipe_defaults
 
     scale = recipe_defaults(model)["beta"] / PAPER_BETA
     return [float(f"{b * scale:.6g}") for b in GRID_BETAS]
@@ -280,7 +280,7 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
     from erase.prompts import toy_prompt_sets
     from erase.sweep import plan, run_sweep, score
     from erase.train import TrainConfig, train
-    from pipelines import load_generator, recipe_defaults
+    from erase.pipelines import load_generator, recipe_defaults
 
     gen = load_generator("toy")
     detect = DetectStage({"name": "toy"})

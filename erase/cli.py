@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from pipelines import MODELS, SITE_GROUPS
+from erase.pipelines import MODELS, SITE_GROUPS
 
 EXAMPLES = """examples (the toy world is the default model):
   erase sweep                                            a small sweep for 'striped' on a local Ray
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("sweep", help="search erasure hyperparameters on Ray Tune + Optuna, one study per concept",
-                       description="Ray Tune + Optuna over a search space (tune_spaces/), one Optuna study per concept, "
+                       description="Ray Tune + Optuna over a search space (erase/spaces/), one Optuna study per concept, "
                        "ASHA early stopping on score = " + "max(0, 1 - erasure_rate / base_rate) * preservation. "
                        "Each trial is a Ray Train run (one worker per GPU, the CPU otherwise), every trial an MLflow "
                        "run. With no flags: a small sweep of the toy world's 'striped' on a local Ray. Ctrl-C stops "
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", help="comma-separated concepts, one study each (toy default: striped, the "
                    "concept its masks erase best)")
     p.add_argument("--space", default="toy_fast", help="search space: a shipped name (default, flux_nudity, toy_fast, "
-                   "toy_adaptive, concept_graph; see tune_spaces/) or a YAML file")
+                   "toy_adaptive, concept_graph; see erase/spaces/) or a YAML file")
     p.add_argument("--trials", type=int, default=4, help="trials per concept")
     p.add_argument("--address", help="Ray cluster to use, e.g. auto (default: start a local Ray)")
     p.add_argument("--storage", default="erase-sweeps", help="folder for Tune/Train state, checkpoints and study logs")
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _recipe_defaults_text(key: str, fallback=None) -> str:
     """'toy: V; flux.1-schnell: V' for one recipe setting, for --help."""
-    from pipelines import MODELS, recipe_defaults
+    from erase.pipelines import MODELS, recipe_defaults
 
     return "; ".join(f"{m}: {recipe_defaults(m).get(key, fallback):g}" for m in MODELS if m in ("toy", "flux.1-schnell"))
 
@@ -311,7 +311,7 @@ def _groups(text: str) -> tuple[str, ...]:
 
 def cmd_sites(args) -> int:
     from erase.masks import fingerprint
-    from pipelines import mask_sites
+    from erase.pipelines import mask_sites
 
     sites = mask_sites(args.model)
     groups = {}
@@ -338,7 +338,7 @@ def cmd_train(args) -> int:
     from erase.masks import save_mask_file
     from erase.prompts import default_prompt_sets, parse_substitutions, read_prompts
     from erase.train import TrainConfig, TrainingStopped, train
-    from pipelines import load_generator, recipe_defaults
+    from erase.pipelines import load_generator, recipe_defaults
 
     erase_prompts, neutral = default_prompt_sets(args.model, args.concept)
     if args.prompts:
@@ -421,7 +421,7 @@ def _train_logger(args, cfg, erase_prompts, neutral):
 
     from erase.masks import fingerprint
     from erase.tracking import RunLogger, connect, ensure_experiment, prompts_hash
-    from pipelines import mask_sites
+    from erase.pipelines import mask_sites
 
     uri = connect(args.tracking_uri)
     ensure_experiment(args.model, args.concept)
@@ -701,7 +701,7 @@ def cmd_graph(args) -> int:
     if args.model != "toy":
         raise ValueError("`erase graph` measures with the toy world's detector; other models need a CLIP label set "
                          "(run erase sweep per concept and erase eval --detector clip)")
-    from pipelines import toy_world as world
+    from erase.pipelines import toy_world as world
 
     concepts = [c.strip() for c in (args.concepts or ",".join(world.OBJECTS)).split(",") if c.strip()]
     if len(concepts) < 2:
@@ -846,7 +846,7 @@ def _fixed(value: float | None) -> str:
 
 def _bench_search(args) -> int:
     from erase import bench
-    from pipelines import toy_world as world
+    from erase.pipelines import toy_world as world
 
     concepts = [c for group in world.GROUPS.values() for c in group]
     if args.search not in concepts:
@@ -876,7 +876,7 @@ def cmd_masks(args) -> int:
 
     if args.masks_command == "import-reference":
         from erase.reference import read_reference_masks
-        from pipelines import mask_sites
+        from erase.pipelines import mask_sites
 
         sites = mask_sites(args.model)
         masks = read_reference_masks(args.folder, sites)
@@ -935,7 +935,7 @@ def _apply_masks(args) -> int:
     from erase.detectors import to_uint8
     from erase.masks import binary_from_file_meta, combine_binary, fold_into_weights, load_mask_file
     from erase.registry import fetch_mask
-    from pipelines import load_generator
+    from erase.pipelines import load_generator
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:

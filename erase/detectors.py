@@ -59,8 +59,8 @@ class ToyWorldDetector:
     name = "toy"
 
     def __init__(self, model_path: str | None = None, device: str = "cpu", *, net=None):
-        from pipelines import toy
-        from pipelines import toy_world as world
+        from erase.pipelines import toy
+        from erase.pipelines import toy_world as world
 
         self.world = world
         self.net = net if net is not None else toy.load_detector(model_path, device=device)

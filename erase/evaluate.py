@@ -126,7 +126,7 @@ class GenerateStage:
                  device: str = "cpu", dtype: str = "fp32", guidance: float | None = None, steps: int | None = None,
                  *, gen=None, masks: tuple | None = None):
         from erase.masks import binary_from_file_meta, load_mask_file
-        from pipelines import load_generator
+        from erase.pipelines import load_generator
 
         self.gen = gen or load_generator(model, model_path, dtype=dtype, device=device, guidance=guidance)
         self.steps = steps
@@ -193,7 +193,7 @@ def run_stages_locally(rows: list[dict], generate_stage: GenerateStage, detect_s
 
 def toy_rows(concept: str | None, seeds_per_prompt: int = 2, rephrase: bool = True, first_seed: int = 1_000_000) -> list[dict]:
     """The toy world's set: every concept's plain prompts; with a concept, also its rephrasings."""
-    from pipelines import toy_world as world
+    from erase.pipelines import toy_world as world
 
     if concept is not None and concept not in world.all_concepts():
         raise ValueError(f"the toy world has no concept {concept!r}; concepts: {', '.join(world.all_concepts())}")

@@ -1,6 +1,6 @@
 """Masks over a frozen model's units: parametrisation, hooks, binarisation, folding, the mask file.
 
-A mask site (pipelines.MaskSite) names where a vector of `size` entries multiplies activations.
+A mask site (erase.pipelines.MaskSite) names where a vector of `size` entries multiplies activations.
 Each entry has a logit λ, always fp32 even when the model runs in bf16. λ = 3 means "keep"
 (mask ≈ 1); training pushes the logits of units that carry the concept below 0.
 
@@ -23,7 +23,7 @@ from functools import partial
 
 import torch
 
-from pipelines import SITE_GROUPS, MaskSite
+from erase.pipelines import SITE_GROUPS, MaskSite
 
 PARAMETRISATIONS = ("hard_concrete", "sigmoid", "binary")
 BINARIZE_SCOPES = ("threshold", "site", "global")

@@ -107,7 +107,7 @@ def substitute(prompt: str, mapping: dict[str, str]) -> str:
 def toy_prompt_sets(concept: str) -> tuple[list[str], list[str]]:
     """The toy world's sets: prompts naming the concept with every value of two other attributes,
     and as neutral prompts the same for every other concept of its group (none names it)."""
-    from pipelines import toy_world as world
+    from erase.pipelines import toy_world as world
 
     if concept not in world.all_concepts():
         groups = "; ".join(f"{g}: {', '.join(m)}" for g, m in world.GROUPS.items())

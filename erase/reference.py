@@ -4,7 +4,7 @@ That code saves FLUX.1 masks as three PyTorch files, each a list of per-layer λ
   ff.pt    38 x 12,288  hidden units of `ff` and `ff_context`, alternating, per dual-stream block
   norm.pt  19 x 18,432  output of `norm1_context.linear` per dual-stream block
   attn.pt  57 x 24      heads: the 19 dual-stream blocks, then the 38 single-stream blocks
-This is exactly the order of `pipelines.flux.flux_mask_sites`. Files are read with
+This is exactly the order of `erase.pipelines.flux.flux_mask_sites`. Files are read with
 `torch.load(weights_only=True)`: tensors only, never arbitrary pickled objects.
 """
 

@@ -129,7 +129,7 @@ def worker_loop(config: dict) -> None:
     from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, grid_rows, save_image_grid
     from erase.masks import Masks, save_mask_file
     from erase.train import TrainingStopped, train
-    from pipelines import load_generator
+    from erase.pipelines import load_generator
 
     started = time.time()  # the trial's own compute: model load, training, evaluation (not Ray's scheduling)
     spec = SweepSpec(**config["spec"])
@@ -253,7 +253,7 @@ def trial(config: dict, *, spec: dict, fixed: dict, datasets: dict, prompt_hashe
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines import recipe_defaults
+    from erase.pipelines import recipe_defaults
 
     sweep = SweepSpec(**spec)
     settings = {**recipe_defaults(sweep.model, sweep.concept), **fixed, **config}  # the space overrides the recipe
@@ -352,7 +352,7 @@ def _prompt_sets(spec: SweepSpec, fixed: dict):
     from erase.prompts import NEUTRAL_PROMPTS, concept_prompts, default_prompt_sets
     from erase.tracking import prompts_hash
     from erase.train import first_seeds
-    from pipelines import recipe_defaults
+    from erase.pipelines import recipe_defaults
 
     settings = {**recipe_defaults(spec.model, spec.concept), **fixed}  # the trials' own: see trial()
     erase_first, neutral_first = first_seeds(TrainConfig(concept=spec.concept, seed=int(settings.get("seed", 0))))
@@ -408,7 +408,7 @@ def run_study(spec: SweepSpec) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from tune_spaces import load_space
+    from erase.spaces import load_space
 
     space = load_space(spec.space, TRIAL_KEYS)
     datasets, hashes = _prompt_sets(spec, space.fixed)
@@ -478,7 +478,7 @@ def new_sweep_id(model: str) -> str:
 def plan(model: str, concepts: list[str], space: str, trials: int, storage: str, *, resume: str | None = None,
          **options) -> list[SweepSpec]:
     """Check the request and make one SweepSpec per concept (a resumed sweep keeps its saved specs)."""
-    from tune_spaces import load_space
+    from erase.spaces import load_space
 
     if resume:
         folder = _join(storage, resume)

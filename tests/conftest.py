@@ -16,7 +16,7 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny random FLUX.1-architecture generator (fp32, CPU). Tests must not modify its weights."""
-    from pipelines import load_generator
+    from erase.pipelines import load_generator
 
     return load_generator("flux-tiny")
 

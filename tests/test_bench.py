@@ -115,7 +115,7 @@ def test_target_comparison_trains_with_the_recipes_settings_for_the_concept(monk
     # A style: `erase train` maps it onto its prompt with the word dropped and uses the recipe's
     # noises per prompt; the benchmark must compare the strategies under those same settings.
     import erase.train
-    from pipelines import recipe_defaults
+    from erase.pipelines import recipe_defaults
 
     configs = []
     real_train = erase.train.train

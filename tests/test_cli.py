@@ -44,7 +44,7 @@ def test_train_writes_mask_and_metrics(tmp_path, capsys, tiny):
 
 
 def test_nan_loss_exits_nonzero_and_keeps_the_last_good_mask(tmp_path, capsys, monkeypatch):
-    from pipelines.flux import FluxGenerator
+    from erase.pipelines.flux import FluxGenerator
 
     calls = {"n": 0}
     velocity = FluxGenerator.velocity
@@ -97,7 +97,7 @@ def test_empty_prompt_file_is_refused(tmp_path, capsys):
 
 
 def _reference_files(folder, with_attn=True):
-    from pipelines import mask_sites
+    from erase.pipelines import mask_sites
 
     sites = mask_sites("flux.1-schnell")
     g = torch.Generator().manual_seed(0)

@@ -10,8 +10,8 @@ import torch
 from erase.evaluate import (AttackConfig, DetectStage, EvalSettings, GenerateStage, evaluate, figures,
                             frechet_distance, html_report, mean_interval, neutral_fidelity, preservation_figure,
                             rate, run_stages_locally, toy_rows, whitebox_attack)
-from pipelines import toy
-from pipelines import toy_world as world
+from erase.pipelines import toy
+from erase.pipelines import toy_world as world
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipelines import ModelError, load_generator
-from pipelines.flux import build_random_pipeline
+from erase.pipelines import ModelError, load_generator
+from erase.pipelines.flux import build_random_pipeline
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ def test_fold_refuses_non_binary_masks(tiny):
 
 
 def test_parametrisations():
-    from pipelines import MaskSite, Tap
+    from erase.pipelines import MaskSite, Tap
 
     site = MaskSite("ffn.x", "ffn", 5, (Tap("x", "input"),))
     lam = torch.tensor([-4.0, -0.5, 0.0, 0.5, 3.0])
@@ -152,7 +152,7 @@ def test_select_sites_rejects_unknown_group(tiny):
 
 
 def test_bf16_model_keeps_fp32_logits_and_gradients(random_logits):
-    from pipelines import load_generator
+    from erase.pipelines import load_generator
 
     gen = load_generator("flux-tiny", dtype="bf16")
     sites = gen.mask_sites()
@@ -183,7 +183,7 @@ def test_mask_file_round_trips_exactly(tmp_path, tiny, random_logits):
 
 
 def test_mask_file_for_another_architecture_is_refused(tmp_path, tiny):
-    from pipelines import mask_sites
+    from erase.pipelines import mask_sites
 
     sites = tiny.mask_sites()
     path = str(tmp_path / "m.safetensors")

@@ -5,7 +5,7 @@ import torch
 
 from erase.masks import MaskHooks, Masks
 from erase.sampler import sample
-from pipelines import mask_sites, toy
+from erase.pipelines import mask_sites, toy
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_detector_predicts_every_attribute():
 
 def test_recipe_maps_a_toy_colour_or_style_onto_its_prompt_without_the_word():
     from erase.prompts import substitute
-    from pipelines import recipe_defaults
+    from erase.pipelines import recipe_defaults
 
     assert recipe_defaults("toy", "cross").get("target", "empty") == "empty"
     blue = recipe_defaults("toy", "blue")

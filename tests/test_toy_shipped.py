@@ -9,9 +9,9 @@ import torch
 from erase.detectors import ToyWorldDetector
 from erase.evaluate import generate
 from erase.masks import MaskHooks, fingerprint
-from pipelines import load_generator, mask_sites, toy
-from pipelines import toy_world as world
-from pipelines.toy_train import detector_accuracy, held_out_quality
+from erase.pipelines import load_generator, mask_sites, toy
+from erase.pipelines import toy_world as world
+from erase.pipelines.toy_train import detector_accuracy, held_out_quality
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_short_erasure_lowers_the_concept_detection_rate(shipped):
 
 
 def test_ablation_removes_whole_site_groups_and_the_detector_sees_it(shipped):
-    from pipelines.toy_ablation import ABLATIONS, detection_with_removed
+    from erase.ablation import ABLATIONS, detection_with_removed
 
     gen, detector = shipped
     untouched = detection_with_removed(gen, detector, ABLATIONS["none"], seeds_per_prompt=1)
@@ -76,7 +76,7 @@ def test_ablation_removes_whole_site_groups_and_the_detector_sees_it(shipped):
 
 
 def test_zeroed_text_encoder_layers_come_back_whole(shipped):
-    from pipelines.toy_ablation import TEXT_ENCODER_ABLATIONS, zeroed
+    from erase.ablation import TEXT_ENCODER_ABLATIONS, zeroed
 
     gen, _ = shipped
     before = {k: v.clone() for k, v in gen.text_encoder.state_dict().items()}

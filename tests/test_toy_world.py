@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipelines import toy_world as world
+from erase.pipelines import toy_world as world
 
 
 def test_world_has_the_required_variety():

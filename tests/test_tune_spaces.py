@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from erase.train import TrainConfig
-from tune_spaces import SpaceError, available, load_space
+from erase.spaces import SpaceError, available, load_space
 
 SETTINGS = [f.name for f in dataclasses.fields(TrainConfig)]
 

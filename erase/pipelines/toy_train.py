@@ -1,6 +1,6 @@
 """Retrain the toy world's detector and generator from a seed, check them, and write the weights.
 
-    python -m pipelines.toy_train --seed 0 --out pipelines/toy_weights
+    python -m erase.pipelines.toy_train --seed 0 --out pipelines/toy_weights
 
 1. Detector: a CNN on freshly rendered images of every combination; accuracy per attribute on
    new renders.
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipelines import toy
-from pipelines import toy_world as world
+from erase.pipelines import toy
+from erase.pipelines import toy_world as world
 
 
 def render_batch(rng, n, exclude_held_out):
@@ -132,7 +132,7 @@ def held_out_quality(gen: toy.ToyGenerator, detector: toy.ToyDetector, seeds_per
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.toy_train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m erase.pipelines.toy_train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=toy.WEIGHTS_DIR, help="folder for generator/detector safetensors and figures.json")
@@ -165,7 +165,7 @@ def main(argv=None) -> None:
         if default is None and acc["object"] >= 0.9 and acc["colour"] >= 0.9:
             default = g
     figures = {
-        "seed": args.seed, "command": f"python -m pipelines.toy_train --seed {args.seed} --detector-steps "
+        "seed": args.seed, "command": f"python -m erase.pipelines.toy_train --seed {args.seed} --detector-steps "
         f"{args.detector_steps} --generator-steps {args.generator_steps} --batch {args.batch}",
         "detector_accuracy_fresh_renders": det_acc,
         "held_out_combinations": [list(p) for p in world.HELD_OUT],

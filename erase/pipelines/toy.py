@@ -9,7 +9,7 @@ command work on it unchanged.
 Detector: a small CNN naming each attribute (object, colour, style, background) of an image,
 the toy world's NudeNet / CLIP classifier.
 
-The trained weights ship in pipelines/toy_weights/ (safetensors); `python -m pipelines.toy_train`
+The trained weights ship in pipelines/toy_weights/ (safetensors); `python -m erase.pipelines.toy_train`
 retrains them from a seed.
 """
 
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines import MaskSite, ModelError
-from pipelines import toy_world as world
-from pipelines.flux import flux_mask_sites
+from erase.pipelines import MaskSite, ModelError
+from erase.pipelines import toy_world as world
+from erase.pipelines.flux import flux_mask_sites
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "toy_weights")
 GENERATOR_FILE = os.path.join(WEIGHTS_DIR, "generator.safetensors")
@@ -222,7 +222,7 @@ def load(model_path: str | None = None, *, guidance: float | None = None, device
     path = os.path.join(folder, "generator.safetensors")
     if not os.path.isfile(path):
         raise ModelError(f"no toy generator weights at {path}; retrain them with "
-                         f"`python -m pipelines.toy_train --out {folder}`")
+                         f"`python -m erase.pipelines.toy_train --out {folder}`")
     transformer, text = build_models()
     state = load_file(path)
     transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
@@ -237,7 +237,7 @@ def load_detector(model_path: str | None = None, device: str = "cpu") -> ToyDete
 
     path = os.path.join(model_path or WEIGHTS_DIR, "detector.safetensors")
     if not os.path.isfile(path):
-        raise ModelError(f"no toy detector weights at {path}; retrain with `python -m pipelines.toy_train`")
+        raise ModelError(f"no toy detector weights at {path}; retrain with `python -m erase.pipelines.toy_train`")
     detector = ToyDetector()
     detector.load_state_dict(load_file(path))
     return detector.to(device).eval()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines import MaskSite, ModelError, Tap
+from erase.pipelines import MaskSite, ModelError, Tap
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

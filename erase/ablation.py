@@ -1,6 +1,6 @@
 """What the mask sites can reach at all: the toy generator with whole site groups removed.
 
-    python -m pipelines.toy_ablation [--seeds 2] [--json]
+    python -m erase.ablation [--seeds 2] [--json]
 
 Generates every (object, colour, style) prompt of the toy world with a group of mask sites set
 to zero (every unit of it removed at once, the most any mask over those sites can remove) and
@@ -21,9 +21,9 @@ import torch
 
 from erase.masks import MaskHooks
 from erase.sampler import sample
-from pipelines import load_generator
-from pipelines import toy_world as world
-from pipelines.toy import load_detector
+from erase.pipelines import load_generator
+from erase.pipelines import toy_world as world
+from erase.pipelines.toy import load_detector
 
 # name -> which sites are removed (all entries zero); the rest stay whole
 ABLATIONS = {
@@ -80,7 +80,7 @@ def detection_with_removed(gen, detector, remove, seeds_per_prompt: int = 2) -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.toy_ablation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m erase.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=2, help="starting noises per prompt (90 prompts)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

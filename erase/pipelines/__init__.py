@@ -77,8 +77,8 @@ def recipe_defaults(model: str, concept: str | None = None) -> dict:
     """
     _check_name(model)
     if model == "toy":
-        from pipelines import toy_world
-        from pipelines.toy import RECIPE_DEFAULTS
+        from erase.pipelines import toy_world
+        from erase.pipelines.toy import RECIPE_DEFAULTS
 
         defaults = dict(RECIPE_DEFAULTS)
         if concept in toy_world.all_concepts() and toy_world.attribute_of(concept) in ("colour", "style"):
@@ -101,10 +101,10 @@ def load_generator(model: str, model_path: str | None = None, *, dtype: str = "f
     FLUX.1-dev; None keeps the model's default.
     """
     _check_name(model)
-    from pipelines import flux
+    from erase.pipelines import flux
 
     if model == "toy":
-        from pipelines import toy
+        from erase.pipelines import toy
 
         if dtype not in flux.DTYPES:
             raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(flux.DTYPES)}")
@@ -115,12 +115,12 @@ def load_generator(model: str, model_path: str | None = None, *, dtype: str = "f
 def meta_transformer(model: str):
     """The model's transformer built on the meta device: its structure, no weights, no memory."""
     _check_name(model)
-    from pipelines import flux
+    from erase.pipelines import flux
 
     if model == "toy":
         from diffusers import FluxTransformer2DModel
 
-        from pipelines.toy import TRANSFORMER_CONFIG
+        from erase.pipelines.toy import TRANSFORMER_CONFIG
 
         with torch.device("meta"):
             return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
@@ -129,6 +129,6 @@ def meta_transformer(model: str):
 
 def mask_sites(model: str):
     """The mask sites of `model`, read off its architecture without loading weights."""
-    from pipelines import flux
+    from erase.pipelines import flux
 
     return flux.flux_mask_sites(meta_transformer(model))
