@@ -20,10 +20,10 @@ import json
 import torch
 
 from erase.masks import MaskHooks
-from erase.sampler import sample
 from erase.pipelines import load_generator
 from erase.pipelines import toy_world as world
 from erase.pipelines.toy import load_detector
+from erase.sampler import sample
 
 # name -> which sites are removed (all entries zero); the rest stay whole
 ABLATIONS = {

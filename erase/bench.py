@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from erase.errors import EraseError
+
 
 def _rss_mb(field: str) -> float:
     with open("/proc/self/status") as f:
@@ -48,8 +50,8 @@ def _peak(device: str) -> float:
 def measure_row(model: str, steps: int, checkpointing: bool, *, batch_size: int = 1, sites=("ffn", "norm"),
                 repeats: int = 2, device: str = "cpu", model_path: str | None = None) -> dict:
     """One row, measured in this process."""
-    from erase.train import TrainConfig, train
     from erase.pipelines import load_generator
+    from erase.train import TrainConfig, train
 
     gen = load_generator(model, model_path, device=device)
     cfg = TrainConfig(concept="bench", sites=tuple(sites), steps=1 + repeats, batch_size=batch_size,
@@ -160,7 +162,7 @@ def matching_level(first_rates: dict[str, float], level: float | None = None) ->
     if level is None:
         return min(first_rates.values())
     if not 0.0 <= level <= 1.0:
-        raise ValueError(f"the erasure level is a rate between 0 and 1, got {level} (5% is 0.05)")
+        raise EraseError(f"the erasure level is a rate between 0 and 1, got {level} (5% is 0.05)")
     return level
 
 
@@ -185,9 +187,9 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     every run is listed; a strategy that cannot reach the level shows it in its runs.
     """
     from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, toy_rows
+    from erase.pipelines import load_generator, recipe_defaults
     from erase.prompts import toy_prompt_sets
     from erase.train import TrainConfig, train
-    from erase.pipelines import load_generator, recipe_defaults
 
     gen = load_generator("toy")
     detect = DetectStage({"name": "toy"})
@@ -277,10 +279,10 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
     import tempfile
 
     from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, toy_rows
+    from erase.pipelines import load_generator, recipe_defaults
     from erase.prompts import toy_prompt_sets
     from erase.sweep import plan, run_sweep, score
     from erase.train import TrainConfig, train
-    from erase.pipelines import load_generator, recipe_defaults
 
     gen = load_generator("toy")
     detect = DetectStage({"name": "toy"})

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+from erase.errors import EraseError
 from erase.pipelines import MODELS, SITE_GROUPS
 
 EXAMPLES = """examples (the toy world is the default model):
@@ -336,9 +337,9 @@ def cmd_sites(args) -> int:
 
 def cmd_train(args) -> int:
     from erase.masks import save_mask_file
+    from erase.pipelines import load_generator, recipe_defaults
     from erase.prompts import default_prompt_sets, parse_substitutions, read_prompts
     from erase.train import TrainConfig, TrainingStopped, train
-    from erase.pipelines import load_generator, recipe_defaults
 
     erase_prompts, neutral = default_prompt_sets(args.model, args.concept)
     if args.prompts:
@@ -365,7 +366,7 @@ def cmd_train(args) -> int:
         args.out = f"{args.model}-{'-'.join(args.concept.split())}.safetensors".replace("/", "_")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"output folder {out_dir!r} does not exist; create it or choose another --out")
+        raise EraseError(f"output folder {out_dir!r} does not exist; create it or choose another --out")
     logger = None
     if args.tracking_uri:
         logger = _train_logger(args, cfg, erase_prompts, neutral)
@@ -420,8 +421,8 @@ def _train_logger(args, cfg, erase_prompts, neutral):
     from dataclasses import asdict
 
     from erase.masks import fingerprint
-    from erase.tracking import RunLogger, connect, ensure_experiment, prompts_hash
     from erase.pipelines import mask_sites
+    from erase.tracking import RunLogger, connect, ensure_experiment, prompts_hash
 
     uri = connect(args.tracking_uri)
     ensure_experiment(args.model, args.concept)
@@ -438,12 +439,12 @@ def _eval_rows(args, concept):
     from erase.prompts import NEUTRAL_PROMPTS, concept_prompts, read_prompts
 
     if args.seeds_per_prompt < 1:
-        raise ValueError(f"--seeds-per-prompt must be at least 1, got {args.seeds_per_prompt}")
+        raise EraseError(f"--seeds-per-prompt must be at least 1, got {args.seeds_per_prompt}")
     adversarial = {}
     for item in args.adversarial or []:
         name, sep, path = item.partition("=")
         if not sep:
-            raise ValueError(f"--adversarial takes SET=FILE (e.g. i2p=i2p.csv), got {item!r}")
+            raise EraseError(f"--adversarial takes SET=FILE (e.g. i2p=i2p.csv), got {item!r}")
         adversarial[name] = read_adversarial(name, path, min_nudity=args.min_nudity)
     if args.model == "toy":
         rows = toy_rows(concept, args.seeds_per_prompt)
@@ -452,7 +453,7 @@ def _eval_rows(args, concept):
                                 first_seed=2_000_000)
         return rows
     if concept is None:
-        raise ValueError("evaluating a real model needs --concept (or a mask file that names it)")
+        raise EraseError("evaluating a real model needs --concept (or a mask file that names it)")
     concept_list = read_prompts(args.prompts, "concept prompt", args.prompt_column) if args.prompts else concept_prompts(concept)
     neutral = (read_prompts(args.neutral_prompts, "neutral prompt", args.prompt_column) if args.neutral_prompts
                else list(NEUTRAL_PROMPTS))
@@ -464,13 +465,13 @@ def _eval_rows(args, concept):
 def _detector_spec(args) -> dict:
     name = args.detector or ("toy" if args.model == "toy" else None)
     if name is None:
-        raise ValueError(f"--detector is needed for {args.model}: nudenet (nudity) or clip (objects, characters, styles)")
+        raise EraseError(f"--detector is needed for {args.model}: nudenet (nudity) or clip (objects, characters, styles)")
     spec = {"name": name}
     if args.detector_config:
         import yaml
 
         if not os.path.isfile(args.detector_config):
-            raise FileNotFoundError(f"detector config {args.detector_config!r} does not exist")
+            raise EraseError(f"detector config {args.detector_config!r} does not exist")
         with open(args.detector_config) as f:
             spec.update(yaml.safe_load(f) or {})
     if name == "toy" and args.model_path:
@@ -493,7 +494,7 @@ def cmd_eval(args) -> int:
         mask_path, provenance = fetch_mask(args.mask)
         concept = concept or read_mask_metadata(mask_path)["concept"]
     if (args.grid or args.report) and not (mask_path and concept):
-        raise ValueError("--grid and --report need --mask (and a concept): they show base and masked generations")
+        raise EraseError("--grid and --report need --mask (and a concept): they show base and masked generations")
     attack = AttackConfig(prompts=args.attack_prompts, steps=args.attack_steps, lr=args.attack_lr,
                           sampling_steps=args.sampling_steps)
     settings = EvalSettings(model=args.model, model_path=args.model_path, mask=mask_path, concept=concept,
@@ -602,7 +603,7 @@ def cmd_sweep(args) -> int:
         concepts = ["striped"]  # the toy concept its masks erase best (README, "The toy world")
     detector = _detector_spec(args) if (args.detector or args.model == "toy") else None
     if detector is None and not args.resume:
-        raise ValueError(f"--detector is needed to score trials on {args.model}: nudenet or clip (with --detector-config)")
+        raise EraseError(f"--detector is needed to score trials on {args.model}: nudenet or clip (with --detector-config)")
     specs = plan(args.model, concepts, args.space, args.trials, args.storage, resume=args.resume,
                  model_path=args.model_path, tracking_uri=args.tracking_uri, workers_per_trial=args.workers_per_trial,
                  cpus_per_worker=args.cpus_per_worker, dtype=args.dtype, guidance=args.guidance,
@@ -699,13 +700,13 @@ def cmd_graph(args) -> int:
     from erase.sweep import plan, run_sweep
 
     if args.model != "toy":
-        raise ValueError("`erase graph` measures with the toy world's detector; other models need a CLIP label set "
+        raise EraseError("`erase graph` measures with the toy world's detector; other models need a CLIP label set "
                          "(run erase sweep per concept and erase eval --detector clip)")
     from erase.pipelines import toy_world as world
 
     concepts = [c.strip() for c in (args.concepts or ",".join(world.OBJECTS)).split(",") if c.strip()]
     if len(concepts) < 2:
-        raise ValueError("a concept graph needs at least two concepts")
+        raise EraseError("a concept graph needs at least two concepts")
     specs = plan(args.model, concepts, args.space, 1, args.storage, model_path=args.model_path,
                  tracking_uri=args.tracking_uri, report_every=1000, detector={"name": "toy"})
     if not args.json:
@@ -715,7 +716,7 @@ def cmd_graph(args) -> int:
     masks = {}
     for summary in summaries:
         if not summary.get("best") or not summary["best"].get("mask_file"):
-            raise ValueError(f"the erasure of {summary['concept']!r} did not finish; see {summary['study_dir']}")
+            raise EraseError(f"the erasure of {summary['concept']!r} did not finish; see {summary['study_dir']}")
         masks[summary["concept"]] = summary["best"]["mask_file"]
     rows = [r for r in toy_rows(None, args.seeds_per_prompt) if r["concept"] in concepts]
     base, base_by_erased, erased = graph.measure(args.model, masks, rows, {"name": "toy"},
@@ -778,7 +779,7 @@ def cmd_bench(args) -> int:
         return _bench_search(args)
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     if not steps or min(steps) < 1:
-        raise ValueError(f"--steps takes positive step counts like 1,2,4,8, got {args.steps!r}")
+        raise EraseError(f"--steps takes positive step counts like 1,2,4,8, got {args.steps!r}")
     report = bench.run(args.model, steps, batch_size=args.batch_size, sites=_groups(args.sites),
                        repeats=args.repeats, device=args.device, model_path=args.model_path, progress=not args.json)
     if args.json:
@@ -799,17 +800,17 @@ def _bench_targets(args) -> int:
 
     if args.erasure_level is not None:
         if not args.match_erasure:
-            raise ValueError("--erasure-level is the rate --match-erasure matches at: pass both")
+            raise EraseError("--erasure-level is the rate --match-erasure matches at: pass both")
         bench.matching_level({}, args.erasure_level)  # a rate out of [0, 1] fails before any training
 
     path = args.graph or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                                       "concept_graph", "graph.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"concept graph {path!r} does not exist: run `erase graph` first or pass --graph")
+        raise EraseError(f"concept graph {path!r} does not exist: run `erase graph` first or pass --graph")
     with open(path) as f:
         delta = json.load(f)["delta"]
     if args.targets not in delta:
-        raise ValueError(f"the concept graph in {path} has no row for {args.targets!r}; it has {', '.join(delta)}")
+        raise EraseError(f"the concept graph in {path} has no row for {args.targets!r}; it has {', '.join(delta)}")
     neighbours = graph.nearest_neighbours(delta, args.targets, 3)
     report = bench.compare_targets(args.targets, neighbours, steps=args.train_steps or 400, match=args.match_erasure,
                                    level=args.erasure_level, progress=not args.json)
@@ -850,10 +851,10 @@ def _bench_search(args) -> int:
 
     concepts = [c for group in world.GROUPS.values() for c in group]
     if args.search not in concepts:
-        raise ValueError(f"--search takes a toy-world concept ({', '.join(concepts)}), got {args.search!r}")
+        raise EraseError(f"--search takes a toy-world concept ({', '.join(concepts)}), got {args.search!r}")
     lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
     if not lrs or min(lrs) <= 0 or args.trials < 1:
-        raise ValueError("--lrs takes positive learning rates like 0.5,1.0 and --trials a positive count")
+        raise EraseError("--lrs takes positive learning rates like 0.5,1.0 and --trials a positive count")
     with _ray_output_off_stdout():
         report = bench.compare_search(args.search, steps=args.train_steps or 100, lrs=lrs, trials=args.trials,
                                       storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.json,
@@ -875,8 +876,8 @@ def cmd_masks(args) -> int:
     from erase.masks import read_mask_metadata, save_mask_file
 
     if args.masks_command == "import-reference":
-        from erase.reference import read_reference_masks
         from erase.pipelines import mask_sites
+        from erase.reference import read_reference_masks
 
         sites = mask_sites(args.model)
         masks = read_reference_masks(args.folder, sites)
@@ -931,15 +932,15 @@ def cmd_masks(args) -> int:
 
 def _apply_masks(args) -> int:
     """`erase masks apply`: fold the masks into the weights and generate."""
-    from erase.evaluate import generate, save_image_grid
     from erase.detectors import to_uint8
+    from erase.evaluate import generate, save_image_grid
     from erase.masks import binary_from_file_meta, combine_binary, fold_into_weights, load_mask_file
-    from erase.registry import fetch_mask
     from erase.pipelines import load_generator
+    from erase.registry import fetch_mask
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:
-        raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+        raise EraseError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
     prompts = [p for p in args.prompt for _ in seeds]
     all_seeds = seeds * len(args.prompt)
@@ -971,14 +972,12 @@ def _apply_masks(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from erase.tracking import TrackingError
-
     handlers = {"sites": cmd_sites, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "masks": cmd_masks,
                 "sweep": cmd_sweep, "promote": cmd_promote,
                 "graph": cmd_graph}
     try:
         return handlers[args.command](args)
-    except (FileNotFoundError, ValueError, TrackingError) as err:  # every error of ours a user can fix is one of these
+    except EraseError as err:  # bad input: one line; anything else is a bug and keeps its traceback (exit 1)
         print(f"erase: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

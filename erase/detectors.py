@@ -23,8 +23,10 @@ import os
 import numpy as np
 import torch
 
+from erase.errors import EraseError
 
-class DetectorError(ValueError):
+
+class DetectorError(EraseError):
     """A detector cannot be built from the given configuration; the message says what to fix."""
 
 

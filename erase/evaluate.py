@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from erase.errors import EraseError
 from erase.masks import MaskHooks
 from erase.sampler import sample
 
@@ -196,7 +197,7 @@ def toy_rows(concept: str | None, seeds_per_prompt: int = 2, rephrase: bool = Tr
     from erase.pipelines import toy_world as world
 
     if concept is not None and concept not in world.all_concepts():
-        raise ValueError(f"the toy world has no concept {concept!r}; concepts: {', '.join(world.all_concepts())}")
+        raise EraseError(f"the toy world has no concept {concept!r}; concepts: {', '.join(world.all_concepts())}")
     rows = []
 
     def add(prompt, c, kind):
@@ -307,7 +308,7 @@ def figures(rows: list[dict], concept: str | None) -> dict:
     if concept is None:
         return report
     if concept not in base_hits:
-        raise ValueError(f"no evaluation prompts name the concept {concept!r}")
+        raise EraseError(f"no evaluation prompts name the concept {concept!r}")
     # Another concept's prompts that also name the erased one ("a red cross" for red, when erasing
     # the cross) measure the erasure itself, not a side effect: preservation leaves them out.
     unrelated = lambda r, c: plain(r, c) and c != concept and not names(r["prompt"], concept)  # noqa: E731
@@ -497,7 +498,7 @@ def evaluate(settings: EvalSettings, rows: list[dict], *, run_stages=None, stage
     Returns the report and the rows with their images and detections (for grids and reports).
     """
     if not rows:
-        raise ValueError("nothing to evaluate: the evaluation prompt set is empty")
+        raise EraseError("nothing to evaluate: the evaluation prompt set is empty")
     built = {} if stages is None else {"generate": stages[0], "detect": stages[1]}
 
     def stage(name):  # built on first use: with Ray stages, the driver loads the model only for the attack

@@ -23,6 +23,7 @@ from functools import partial
 
 import torch
 
+from erase.errors import EraseError
 from erase.pipelines import SITE_GROUPS, MaskSite
 
 PARAMETRISATIONS = ("hard_concrete", "sigmoid", "binary")
@@ -33,7 +34,7 @@ STRETCH_LOW, STRETCH_HIGH = -0.1, 1.1
 FILE_FORMAT = "erase.mask/1"
 
 
-class MaskError(ValueError):
+class MaskError(EraseError):
     """A mask, site selection or mask file cannot be used; the message says what to do."""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from erase.errors import EraseError
+
 CONCEPT_TEMPLATES = (
     "{c}",
     "a photo of {c}",
@@ -40,7 +42,7 @@ NEUTRAL_PROMPTS = (
 )
 
 
-class PromptError(ValueError):
+class PromptError(EraseError):
     """A prompt set is empty, unreadable or does not fit the target; the message says what to do."""
 
 
@@ -50,35 +52,48 @@ def concept_prompts(concept: str) -> list[str]:
     return [t.format(c=concept) for t in CONCEPT_TEMPLATES]
 
 
+# Prompt files by ending: text with one prompt per line, or a table with a prompt column.
+PROMPT_FORMATS = {".txt": "text", ".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+
+
 def read_prompts(path: str, what: str, column: str = "prompt") -> list[str]:
     """Prompts from a file, local or on any filesystem pyarrow understands (s3://, gs://):
     .txt one per line (blank lines and lines starting with # skipped), or the `column` of a
-    .csv, .parquet or .jsonl table. Sweeps stream the same files through Ray Data (erase/data.py)."""
+    .csv, .parquet or .jsonl table. Every prompt set of the project is read here."""
+    import pyarrow
+
     if "://" not in path and not os.path.isfile(path):
         raise PromptError(f"{what} file {path!r} does not exist")
-    lower = path.lower()
-    if lower.endswith(".txt"):
-        import pyarrow.fs
-
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
-        with fs.open_input_stream(inner) as f:
-            lines = f.read().decode("utf-8").splitlines()
-        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    else:
-        formats = {".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
-        fmt = next((f for ext, f in formats.items() if lower.endswith(ext)), None)
-        if fmt is None:
-            raise PromptError(f"{what} file {path!r}: unknown type; use .txt (one per line), .csv, .parquet or .jsonl")
-        import pyarrow.dataset
-
-        table = pyarrow.dataset.dataset(path, format=fmt).to_table()
-        if column not in table.column_names:
-            raise PromptError(f"{what} file {path!r} has no column {column!r}; its columns are: "
-                              f"{', '.join(table.column_names)}")
-        prompts = [str(p).strip() for p in table.column(column).to_pylist() if p is not None and str(p).strip()]
+    fmt = next((f for ending, f in PROMPT_FORMATS.items() if path.lower().endswith(ending)), None)
+    if fmt is None:
+        raise PromptError(f"{what} file {path!r}: unknown type; use .txt (one per line), .csv, .parquet or .jsonl")
+    try:
+        prompts = _text_lines(path) if fmt == "text" else _table_column(path, fmt, column, what)
+    except (UnicodeDecodeError, pyarrow.ArrowInvalid, OSError) as err:
+        raise PromptError(f"{what} file {path!r} cannot be read: {err}. Save it as UTF-8 text (one prompt per "
+                          "line) or as a .csv, .parquet or .jsonl table") from None
     if not prompts:
         raise PromptError(f"{what} file {path!r} has no prompts; put one prompt per line (or per row)")
     return prompts
+
+
+def _text_lines(path: str) -> list[str]:
+    import pyarrow.fs
+
+    fs, inner = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
+    with fs.open_input_stream(inner) as f:
+        lines = f.read().decode("utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _table_column(path: str, fmt: str, column: str, what: str) -> list[str]:
+    import pyarrow.dataset
+
+    table = pyarrow.dataset.dataset(path, format=fmt).to_table()
+    if column not in table.column_names:
+        raise PromptError(f"{what} file {path!r} has no column {column!r}; its columns are: "
+                          f"{', '.join(table.column_names)}")
+    return [str(p).strip() for p in table.column(column).to_pylist() if p is not None and str(p).strip()]
 
 
 def parse_substitutions(items: list[str] | None) -> dict[str, str]:

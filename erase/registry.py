@@ -22,13 +22,14 @@ import tempfile
 import yaml
 
 from erase.detectors import sha256_file
+from erase.errors import EraseError
 from erase.tracking import MASK_DIR, MASK_FILE, TrackingError, experiment_name, slug
 
 GATES = {"max_erasure_rate": 0.05, "min_preservation": 0.9}
 DEFAULT_METRIC = "score"  # (1 - erasure_rate / base_rate) * preservation, see erase/sweep.py
 
 
-class RegistryError(ValueError):
+class RegistryError(EraseError):
     """A registry request cannot be carried out; the message says why and what to do."""
 
 

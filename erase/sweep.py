@@ -38,6 +38,7 @@ import tempfile
 import time
 import zlib
 
+from erase.errors import EraseError
 from erase.train import TrainConfig
 
 GPUS_PER_WORKER = 1  # one Train worker per GPU; raycluster.yaml's GPU pods match (tests/test_raycluster.py)
@@ -46,7 +47,7 @@ SCORE_FORMULA = "max(0, 1 - erasure_rate / base_rate) * preservation"
 TRIAL_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("concept", "log_every"))
 
 
-class SweepError(ValueError):
+class SweepError(EraseError):
     """The sweep cannot start as asked; the message says what to change."""
 
 
@@ -128,8 +129,8 @@ def worker_loop(config: dict) -> None:
     from erase.detectors import build_detector
     from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, grid_rows, save_image_grid
     from erase.masks import Masks, save_mask_file
-    from erase.train import TrainingStopped, train
     from erase.pipelines import load_generator
+    from erase.train import TrainingStopped, train
 
     started = time.time()  # the trial's own compute: model load, training, evaluation (not Ray's scheduling)
     spec = SweepSpec(**config["spec"])
@@ -349,10 +350,10 @@ def _prompt_sets(spec: SweepSpec, fixed: dict):
     from erase.data import read_prompt_dataset, with_seeds
     from erase.evaluate import prompt_rows as eval_prompt_rows
     from erase.evaluate import toy_rows
+    from erase.pipelines import recipe_defaults
     from erase.prompts import NEUTRAL_PROMPTS, concept_prompts, default_prompt_sets
     from erase.tracking import prompts_hash
     from erase.train import first_seeds
-    from erase.pipelines import recipe_defaults
 
     settings = {**recipe_defaults(spec.model, spec.concept), **fixed}  # the trials' own: see trial()
     erase_first, neutral_first = first_seeds(TrainConfig(concept=spec.concept, seed=int(settings.get("seed", 0))))

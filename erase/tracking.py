@@ -24,6 +24,7 @@ import re
 import time
 
 from erase.detectors import sha256_file
+from erase.errors import EraseError
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -31,7 +32,7 @@ MASK_DIR = "mask"
 MASK_FILE = "mask.safetensors"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(EraseError):
     """The tracking server or store cannot be used; the message says what to check."""
 
 

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from erase.adaptive import AdaptiveConfig, AdaptiveTarget
+from erase.errors import EraseError
 from erase.masks import MaskHooks, Masks, select_sites, sparsity
 from erase.prompts import PromptError, substitute
 from erase.sampler import sample
@@ -31,7 +32,7 @@ TARGETS = ("empty", "substitute", "adaptive")
 OPTIMIZERS = ("adam", "adamw")
 
 
-class TrainError(ValueError):
+class TrainError(EraseError):
     """The run's settings or inputs cannot work; the message says what to change."""
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 from erase import bench
+from erase.errors import EraseError
 
 
 @pytest.mark.slow
@@ -88,7 +89,7 @@ def test_the_matching_level_is_the_strongest_strategys_rate_or_the_one_given():
     first = {"empty": 0.17, "substitute": 0.6, "adaptive": 0.4}
     assert bench.matching_level(first) == 0.17
     assert bench.matching_level(first, 0.05) == 0.05
-    with pytest.raises(ValueError, match="between 0 and 1"):
+    with pytest.raises(EraseError, match="between 0 and 1"):
         bench.matching_level(first, 5)
 
 

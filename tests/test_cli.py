@@ -206,3 +206,24 @@ def test_bench_targets_names_the_level_to_match_at_when_erasure_is_not_equal(mon
     assert code == 0
     assert "erasure rates NOT equal within 2 points (spread 0.050, level 0.150)" in out
     assert "the hardest erasure every strategy reached is 0.200: compare there with --erasure-level RATE" in out
+
+
+def test_an_error_that_is_not_the_users_keeps_its_traceback(monkeypatch, capsys):
+    # a ValueError from inside a library is a bug, not bad input: it must not become a one-line exit 2
+    import erase.masks
+
+    def broken(sites):
+        raise ValueError("something inside numpy went wrong")
+
+    monkeypatch.setattr(erase.masks, "fingerprint", broken)
+    with pytest.raises(ValueError, match="inside numpy"):
+        main(["sites", "--model", "flux-tiny"])
+    assert "erase: error" not in capsys.readouterr().err
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_file_and_the_fix(tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("a caf\xe9 in the street\n".encode("latin-1"))
+    code, _, err = run(capsys, "train", "--model", "flux-tiny", "--concept", "cat", "--prompts", str(bad),
+                       "--out", str(tmp_path / "m.safetensors"))
+    assert code == 2 and str(bad) in err and "UTF-8" in err and "Traceback" not in err

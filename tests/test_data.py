@@ -91,9 +91,9 @@ def test_adversarial_loaders(tmp_path):
 
 
 def test_sweep_prompt_streams_take_the_recipe_noises_unless_the_space_fixes_them(ray_local):
+    from erase.pipelines import recipe_defaults
     from erase.prompts import toy_prompt_sets
     from erase.sweep import SweepSpec, _prompt_sets
-    from erase.pipelines import recipe_defaults
 
     erase_prompts, neutral = toy_prompt_sets("cross")
     noises = recipe_defaults("toy", "cross")["noises_per_prompt"]

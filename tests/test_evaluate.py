@@ -7,9 +7,23 @@ import numpy as np
 import pytest
 import torch
 
-from erase.evaluate import (AttackConfig, DetectStage, EvalSettings, GenerateStage, evaluate, figures,
-                            frechet_distance, html_report, mean_interval, neutral_fidelity, preservation_figure,
-                            rate, run_stages_locally, toy_rows, whitebox_attack)
+from erase.evaluate import (
+    AttackConfig,
+    DetectStage,
+    EvalSettings,
+    GenerateStage,
+    evaluate,
+    figures,
+    frechet_distance,
+    html_report,
+    mean_interval,
+    neutral_fidelity,
+    preservation_figure,
+    rate,
+    run_stages_locally,
+    toy_rows,
+    whitebox_attack,
+)
 from erase.pipelines import toy
 from erase.pipelines import toy_world as world
 

@@ -5,8 +5,19 @@ import copy
 import pytest
 import torch
 
-from erase.masks import (MaskError, MaskHooks, Masks, binarize, drop_masked_neurons, fingerprint,
-                         fold_into_weights, load_mask_file, save_mask_file, select_sites, sparsity)
+from erase.masks import (
+    MaskError,
+    MaskHooks,
+    Masks,
+    binarize,
+    drop_masked_neurons,
+    fingerprint,
+    fold_into_weights,
+    load_mask_file,
+    save_mask_file,
+    select_sites,
+    sparsity,
+)
 from erase.sampler import sample
 
 

@@ -13,8 +13,8 @@ import torch
 
 from erase.cli import main
 from erase.masks import Masks, load_mask_file, save_mask_file
-from erase.tracking import MASK_DIR, RunLogger, connect, ensure_experiment
 from erase.pipelines import mask_sites
+from erase.tracking import MASK_DIR, RunLogger, connect, ensure_experiment
 
 MODEL = "flux-tiny"
 

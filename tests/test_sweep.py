@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from erase.sweep import SweepError, _slots, plan, run_sweep, score
 from erase.prompts import PromptError
+from erase.sweep import SweepError, _slots, plan, run_sweep, score
 
 TINY_SPACE = """
 description: a few steps per trial, for tests

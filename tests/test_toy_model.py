@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from erase.masks import MaskHooks, Masks
-from erase.sampler import sample
 from erase.pipelines import mask_sites, toy
+from erase.sampler import sample
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,8 @@ def test_detector_predicts_every_attribute():
 
 
 def test_recipe_maps_a_toy_colour_or_style_onto_its_prompt_without_the_word():
-    from erase.prompts import substitute
     from erase.pipelines import recipe_defaults
+    from erase.prompts import substitute
 
     assert recipe_defaults("toy", "cross").get("target", "empty") == "empty"
     blue = recipe_defaults("toy", "blue")

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from erase.train import TrainConfig
 from erase.spaces import SpaceError, available, load_space
+from erase.train import TrainConfig
 
 SETTINGS = [f.name for f in dataclasses.fields(TrainConfig)]
 

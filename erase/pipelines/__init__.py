@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from erase.errors import EraseError
 
-class ModelError(ValueError):
+
+class ModelError(EraseError):
     """A model name, path or config the user gave cannot be used; the message says what to do."""
 
 

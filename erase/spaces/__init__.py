@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from erase.errors import EraseError
+
 SPACES_DIR = os.path.dirname(os.path.abspath(__file__))
 TOP_LEVEL_KEYS = {"description", "fixed", "search"}
 DISTRIBUTION_KEYS = {
@@ -34,7 +36,7 @@ DISTRIBUTION_KEYS = {
 }
 
 
-class SpaceError(ValueError):
+class SpaceError(EraseError):
     """A space file cannot be used; the message names the file, the key and the fix."""
 
 
