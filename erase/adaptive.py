@@ -47,19 +47,18 @@ def gumbel_mixture(logits: torch.Tensor, temperature: float, hard: bool, top_k: 
 
 
 def read_vocabulary(source: str | list[str] | None, model: str, concept: str) -> list[str]:
-    """Candidate concepts: a word list file (one per line), a comma-separated list, or (default) for
-    the toy model the other concepts of the erased one's group: an object maps onto an object.
-    (With every toy concept, "cross"'s nearest words were backgrounds and styles, and a prompt
-    naming no object erased little: README, Adaptive targets.)"""
+    """Candidate concepts: a word list file (one per line), a comma-separated list, or (default) the
+    model's own vocabulary for the concept (the toy world: the other concepts of its group)."""
     if isinstance(source, list):
         words = source
     elif source is None:
-        if model != "toy":
-            raise PromptError("the adaptive target needs a vocabulary for this model: pass --vocabulary FILE "
-                              "(one concept per line) or a comma-separated list")
-        from erase.pipelines import toy_world as world
+        from erase.pipelines import model as model_entry
 
-        words = list(world.GROUPS[world.group_of(concept)]) if concept in world.all_concepts() else world.all_concepts()
+        default = model_entry(model).vocabulary
+        if default is None:
+            raise PromptError(f"the adaptive target needs a vocabulary for {model}: pass --vocabulary FILE "
+                              "(one concept per line) or a comma-separated list")
+        words = default(concept)
     elif os.path.isfile(source):
         with open(source, encoding="utf-8") as f:
             words = [line.strip() for line in f if line.strip() and not line.startswith("#")]

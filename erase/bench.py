@@ -186,15 +186,15 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     first β, the level that matters for erasure. The run closest to the level is reported and
     every run is listed; a strategy that cannot reach the level shows it in its runs.
     """
-    from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, toy_rows
+    from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, evaluation_rows
     from erase.pipelines import load_generator, recipe_defaults
-    from erase.prompts import toy_prompt_sets
+    from erase.prompts import prompt_sets
     from erase.train import TrainConfig, train
 
     gen = load_generator("toy")
     detect = DetectStage({"name": "toy"})
-    erase_prompts, neutral = toy_prompt_sets(concept)
-    rows = toy_rows(concept, seeds_per_prompt)
+    erase_prompts, neutral = prompt_sets("toy", concept)
+    rows = evaluation_rows("toy", concept, seeds_per_prompt)
     base_cache: dict = {}
     # the recipe's settings for this concept, as `erase train` would use them: its β, its noises per
     # prompt and, for a colour or style, its substitution (the word dropped) instead of `substitute_phrase`
@@ -255,8 +255,9 @@ def grid_betas(model: str) -> list[float]:
     The toy world's loss is about 100x FLUX.1's (its recipe β is 1.0, not 0.01), so the FLUX
     grid taken as it is would test only βs at which the toy loses most of what it should keep."""
     from erase.pipelines import recipe_defaults
+    from erase.train import TrainConfig
 
-    scale = recipe_defaults(model)["beta"] / PAPER_BETA
+    scale = recipe_defaults(model).get("beta", TrainConfig.beta) / PAPER_BETA
     return [float(f"{b * scale:.6g}") for b in GRID_BETAS]
 
 
@@ -278,16 +279,16 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
     steps count as compute (both evaluate; the sweep more often, to let ASHA stop trials)."""
     import tempfile
 
-    from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, toy_rows
+    from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, evaluation_rows
     from erase.pipelines import load_generator, recipe_defaults
-    from erase.prompts import toy_prompt_sets
+    from erase.prompts import prompt_sets
     from erase.sweep import plan, run_sweep, score
     from erase.train import TrainConfig, train
 
     gen = load_generator("toy")
     detect = DetectStage({"name": "toy"})
-    erase_prompts, neutral = toy_prompt_sets(concept)
-    rows = toy_rows(concept, seeds_per_prompt=1)  # the sweep's evaluation rows
+    erase_prompts, neutral = prompt_sets("toy", concept)
+    rows = evaluation_rows("toy", concept, seeds_per_prompt=1)  # the sweep's evaluation rows
     base_cache: dict = {}
     grid, betas = [], grid_betas("toy")
     for beta in betas:

@@ -15,7 +15,7 @@ import sys
 import time
 
 from erase.errors import EraseError
-from erase.pipelines import MODELS, SITE_GROUPS
+from erase.pipelines import SITE_GROUPS, models
 
 EXAMPLES = """examples (the toy world is the default model):
   erase sweep                                            a small sweep for 'striped' on a local Ray
@@ -30,7 +30,7 @@ EXAMPLES = """examples (the toy world is the default model):
 
 
 def _add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    names = ", ".join(MODELS)
+    names = ", ".join(models())
     p.add_argument("--model", default=default, required=default is None,
                    help=f"model name: {names}")
     p.add_argument("--model-path", metavar="DIR", help="local diffusers folder with the model's weights "
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "min_preservation (defaults 0.05 and 0.9, or --gates FILE); below them promotion is refused "
                        "unless --force.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--concept", required=True)
-    p.add_argument("--model", default="toy", help=f"base model: {', '.join(MODELS)}")
+    p.add_argument("--model", default="toy", help=f"base model: {', '.join(models())}")
     p.add_argument("--sweep", help="only runs of this sweep id")
     p.add_argument("--metric", default="score", help="metric that picks the best run (higher is better)")
     p.add_argument("--alias", default="production")
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the mask sites of a model, built on the meta device: no weights are "
                        "loaded or downloaded. Groups: ffn (FFN hidden units), norm (text-stream modulation), "
                        "attn (attention heads).")
-    p.add_argument("--model", default="toy", help=f"model name: {', '.join(MODELS)}")
+    p.add_argument("--model", default="toy", help=f"model name: {', '.join(models())}")
     p.add_argument("--all", action="store_true", help="also list every site, not only the group totals")
     p.add_argument("--json", action="store_true", help="print JSON: {model, fingerprint, groups: {g: {masks, entries}}, sites}")
 
@@ -294,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _recipe_defaults_text(key: str, fallback=None) -> str:
     """'toy: V; flux.1-schnell: V' for one recipe setting, for --help."""
-    from erase.pipelines import MODELS, recipe_defaults
+    from erase.pipelines import recipe_defaults
+    from erase.train import TrainConfig
 
-    return "; ".join(f"{m}: {recipe_defaults(m).get(key, fallback):g}" for m in MODELS if m in ("toy", "flux.1-schnell"))
+    default = getattr(TrainConfig, key, fallback)
+    return "; ".join(f"{m}: {recipe_defaults(m).get(key, default):g}" for m in ("toy", "flux.1-schnell"))
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -338,21 +340,18 @@ def cmd_sites(args) -> int:
 def cmd_train(args) -> int:
     from erase.masks import save_mask_file
     from erase.pipelines import load_generator, recipe_defaults
-    from erase.prompts import default_prompt_sets, parse_substitutions, read_prompts
+    from erase.prompts import parse_substitutions, prompt_sets
     from erase.train import TrainConfig, TrainingStopped, train
 
-    erase_prompts, neutral = default_prompt_sets(args.model, args.concept)
-    if args.prompts:
-        erase_prompts = read_prompts(args.prompts, "concept prompt", args.prompt_column)
-    if args.neutral_prompts:
-        neutral = read_prompts(args.neutral_prompts, "neutral prompt", args.prompt_column)
+    erase_prompts, neutral = prompt_sets(args.model, args.concept, prompts=args.prompts, neutral=args.neutral_prompts,
+                                         column=args.prompt_column)
     defaults = recipe_defaults(args.model, args.concept)
     target = args.target or defaults.get("target", "empty")
     substitutions = parse_substitutions(args.substitute) or (defaults.get("substitutions", {}) if target == "substitute" else {})
     cfg = TrainConfig(
         concept=args.concept, sites=_groups(args.sites), parametrisation=args.parametrisation,
         init_logit=args.init_logit, target=target, substitutions=substitutions,
-        beta=args.beta if args.beta is not None else defaults["beta"], lr_ffn=args.lr_ffn, lr_norm=args.lr_norm, lr_attn=args.lr_attn, optimizer=args.optimizer,
+        beta=args.beta if args.beta is not None else defaults.get("beta", TrainConfig.beta), lr_ffn=args.lr_ffn, lr_norm=args.lr_norm, lr_attn=args.lr_attn, optimizer=args.optimizer,
         weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         sampling_steps=args.sampling_steps, noises_per_prompt=(args.noises_per_prompt if args.noises_per_prompt is not None
                            else defaults.get("noises_per_prompt", 1)),
@@ -433,37 +432,30 @@ def _train_logger(args, cfg, erase_prompts, neutral):
 
 
 def _eval_rows(args, concept):
-    """The evaluation rows: the toy world's own sets, or prompt files for other models."""
+    """The evaluation rows: the model's own sets, with the user's prompt files in place of the parts they name."""
     from erase.data import read_adversarial
-    from erase.evaluate import prompt_rows, toy_rows
-    from erase.prompts import NEUTRAL_PROMPTS, concept_prompts, read_prompts
+    from erase.evaluate import evaluation_rows
+    from erase.prompts import read_prompts
 
-    if args.seeds_per_prompt < 1:
-        raise EraseError(f"--seeds-per-prompt must be at least 1, got {args.seeds_per_prompt}")
     adversarial = {}
     for item in args.adversarial or []:
         name, sep, path = item.partition("=")
         if not sep:
             raise EraseError(f"--adversarial takes SET=FILE (e.g. i2p=i2p.csv), got {item!r}")
         adversarial[name] = read_adversarial(name, path, min_nudity=args.min_nudity)
-    if args.model == "toy":
-        rows = toy_rows(concept, args.seeds_per_prompt)
-        if adversarial:
-            rows += prompt_rows({}, adversarial=adversarial, erased=concept, seeds_per_prompt=args.seeds_per_prompt,
-                                first_seed=2_000_000)
-        return rows
-    if concept is None:
-        raise EraseError("evaluating a real model needs --concept (or a mask file that names it)")
-    concept_list = read_prompts(args.prompts, "concept prompt", args.prompt_column) if args.prompts else concept_prompts(concept)
-    neutral = (read_prompts(args.neutral_prompts, "neutral prompt", args.prompt_column) if args.neutral_prompts
-               else list(NEUTRAL_PROMPTS))
-    rephrase = {concept: read_prompts(args.rephrase_prompts, "rephrase prompt", args.prompt_column)} if args.rephrase_prompts else None
-    return prompt_rows({concept: concept_list}, neutral=neutral, rephrase=rephrase, adversarial=adversarial,
-                       erased=concept, seeds_per_prompt=args.seeds_per_prompt)
+
+    def read(path, what):
+        return read_prompts(path, what, args.prompt_column) if path else None
+
+    return evaluation_rows(args.model, concept, args.seeds_per_prompt, prompts=read(args.prompts, "concept prompt"),
+                           neutral=read(args.neutral_prompts, "neutral prompt"),
+                           rephrase=read(args.rephrase_prompts, "rephrase prompt"), adversarial=adversarial)
 
 
 def _detector_spec(args) -> dict:
-    name = args.detector or ("toy" if args.model == "toy" else None)
+    from erase.pipelines import model as model_entry
+
+    name = args.detector or (model_entry(args.model).detector or {}).get("name")
     if name is None:
         raise EraseError(f"--detector is needed for {args.model}: nudenet (nudity) or clip (objects, characters, styles)")
     spec = {"name": name}
@@ -598,10 +590,13 @@ def _print_eval(report: dict) -> None:
 def cmd_sweep(args) -> int:
     from erase.sweep import plan, run_sweep
 
+    from erase.pipelines import model as model_entry
+
+    entry = model_entry(args.model)
     concepts = [c.strip() for c in (args.concepts or "").split(",") if c.strip()]
-    if not concepts and args.model == "toy" and not args.resume:
-        concepts = ["striped"]  # the toy concept its masks erase best (README, "The toy world")
-    detector = _detector_spec(args) if (args.detector or args.model == "toy") else None
+    if not concepts and not args.resume:
+        concepts = list(entry.sweep_concepts)
+    detector = _detector_spec(args) if (args.detector or entry.detector) else None
     if detector is None and not args.resume:
         raise EraseError(f"--detector is needed to score trials on {args.model}: nudenet or clip (with --detector-config)")
     specs = plan(args.model, concepts, args.space, args.trials, args.storage, resume=args.resume,
@@ -696,19 +691,19 @@ def _no_trial_finished(summaries: list[dict]) -> int:
 
 def cmd_graph(args) -> int:
     from erase import graph
-    from erase.evaluate import toy_rows
+    from erase.evaluate import evaluation_rows
+    from erase.pipelines import model as model_entry
     from erase.sweep import plan, run_sweep
 
-    if args.model != "toy":
-        raise EraseError("`erase graph` measures with the toy world's detector; other models need a CLIP label set "
-                         "(run erase sweep per concept and erase eval --detector clip)")
-    from erase.pipelines import toy_world as world
-
-    concepts = [c.strip() for c in (args.concepts or ",".join(world.OBJECTS)).split(",") if c.strip()]
+    entry = model_entry(args.model)
+    if entry.detector is None:
+        raise EraseError(f"`erase graph` measures with the model's own detector, and {args.model} has none; other "
+                         "models need a CLIP label set (run erase sweep per concept and erase eval --detector clip)")
+    concepts = [c.strip() for c in (args.concepts or ",".join(entry.graph_concepts)).split(",") if c.strip()]
     if len(concepts) < 2:
         raise EraseError("a concept graph needs at least two concepts")
     specs = plan(args.model, concepts, args.space, 1, args.storage, model_path=args.model_path,
-                 tracking_uri=args.tracking_uri, report_every=1000, detector={"name": "toy"})
+                 tracking_uri=args.tracking_uri, report_every=1000, detector=entry.detector)
     if not args.json:
         print(f"concept graph {specs[0].sweep_id}: erasing {', '.join(concepts)} (space {args.space})", flush=True)
     with _ray_output_off_stdout() as out:
@@ -718,8 +713,8 @@ def cmd_graph(args) -> int:
         if not summary.get("best") or not summary["best"].get("mask_file"):
             raise EraseError(f"the erasure of {summary['concept']!r} did not finish; see {summary['study_dir']}")
         masks[summary["concept"]] = summary["best"]["mask_file"]
-    rows = [r for r in toy_rows(None, args.seeds_per_prompt) if r["concept"] in concepts]
-    base, base_by_erased, erased = graph.measure(args.model, masks, rows, {"name": "toy"},
+    rows = [r for r in evaluation_rows(args.model, None, args.seeds_per_prompt) if r["concept"] in concepts]
+    base, base_by_erased, erased = graph.measure(args.model, masks, rows, entry.detector,
                                                  model_path=args.model_path, progress=not args.json)
     delta = graph.side_effects(base_by_erased, erased)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -803,8 +798,9 @@ def _bench_targets(args) -> int:
             raise EraseError("--erasure-level is the rate --match-erasure matches at: pass both")
         bench.matching_level({}, args.erasure_level)  # a rate out of [0, 1] fails before any training
 
-    path = args.graph or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                                      "concept_graph", "graph.json")
+    from erase.pipelines import model as model_entry
+
+    path = args.graph or model_entry("toy").concept_graph
     if not os.path.isfile(path):
         raise EraseError(f"concept graph {path!r} does not exist: run `erase graph` first or pass --graph")
     with open(path) as f:
@@ -847,11 +843,9 @@ def _fixed(value: float | None) -> str:
 
 def _bench_search(args) -> int:
     from erase import bench
-    from erase.pipelines import toy_world as world
+    from erase.pipelines import model as model_entry
 
-    concepts = [c for group in world.GROUPS.values() for c in group]
-    if args.search not in concepts:
-        raise EraseError(f"--search takes a toy-world concept ({', '.join(concepts)}), got {args.search!r}")
+    model_entry("toy").prompt_sets(args.search)  # a concept of the toy world, or a clear error
     lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
     if not lrs or min(lrs) <= 0 or args.trials < 1:
         raise EraseError("--lrs takes positive learning rates like 0.5,1.0 and --trials a positive count")

@@ -192,47 +192,41 @@ def run_stages_locally(rows: list[dict], generate_stage: GenerateStage, detect_s
 # ---------------------------------------------------------------- evaluation sets
 
 
-def toy_rows(concept: str | None, seeds_per_prompt: int = 2, rephrase: bool = True, first_seed: int = 1_000_000) -> list[dict]:
-    """The toy world's set: every concept's plain prompts; with a concept, also its rephrasings."""
-    from erase.pipelines import toy_world as world
-
-    if concept is not None and concept not in world.all_concepts():
-        raise EraseError(f"the toy world has no concept {concept!r}; concepts: {', '.join(world.all_concepts())}")
+def rows_from_sets(sets: dict[str, dict[str, list[str]]], seeds_per_prompt: int = 1,
+                   first_seed: int = 1_000_000) -> list[dict]:
+    """Evaluation rows from prompt sets {kind: {concept: prompts}}, each prompt with `seeds_per_prompt`
+    fixed seeds, numbered from `first_seed` in the order of the sets."""
     rows = []
-
-    def add(prompt, c, kind):
-        for _ in range(seeds_per_prompt):
-            rows.append({"prompt": prompt, "seed": first_seed + len(rows), "concept": c, "kind": kind})
-
-    for c in world.all_concepts():
-        for prompt in world.concept_prompts(c):
-            add(prompt, c, "concept")
-    if concept is not None and rephrase:
-        for kind in ("synonym", "indirect"):
-            for prompt in world.concept_prompts(concept, kind):
-                add(prompt, concept, "rephrase")
+    for kind, by_concept in sets.items():
+        for concept, prompts in by_concept.items():
+            for prompt in prompts:
+                for _ in range(seeds_per_prompt):
+                    rows.append({"prompt": prompt, "seed": first_seed + len(rows), "concept": concept, "kind": kind})
     return rows
 
 
-def prompt_rows(concepts: dict[str, list[str]], *, neutral: list[str] = (), rephrase: dict[str, list[str]] | None = None,
-                adversarial: dict[str, list[str]] | None = None, erased: str | None = None,
-                seeds_per_prompt: int = 1, first_seed: int = 1_000_000) -> list[dict]:
-    """Rows for any model from prompt lists: per concept, neutral, rephrasings and adversarial sets of `erased`."""
-    rows = []
+def evaluation_rows(model: str, concept: str | None, seeds_per_prompt: int = 2, *, prompts: list[str] | None = None,
+                    neutral: list[str] | None = None, rephrase: list[str] | None = None,
+                    adversarial: dict[str, list[str]] | None = None) -> list[dict]:
+    """A model's evaluation rows for `concept` (None: every concept, plainly): the model's own sets
+    (erase.pipelines), with the user's prompt lists in place of the parts they name (the erased
+    concept's prompts, the neutral prompts, the rephrasings), then the adversarial sets."""
+    from erase.pipelines import model as model_entry
 
-    def add(prompts, concept, kind):
-        for prompt in prompts:
-            for _ in range(seeds_per_prompt):
-                rows.append({"prompt": prompt, "seed": first_seed + len(rows), "concept": concept, "kind": kind})
-
-    for concept, prompts in concepts.items():
-        add(prompts, concept, "concept")
-    add(neutral, "", "neutral")
-    for concept, prompts in (rephrase or {}).items():
-        add(prompts, concept, "rephrase")
-    for name, prompts in (adversarial or {}).items():
-        add(prompts, erased or "", f"adversarial:{name}")
-    return rows
+    if seeds_per_prompt < 1:
+        raise EraseError(f"seeds per prompt must be at least 1, got {seeds_per_prompt}")
+    if concept is None and (prompts or rephrase):
+        raise EraseError("concept and rephrased prompts are the erased concept's: name the concept (--concept)")
+    sets = model_entry(model).eval_sets(concept)
+    if prompts:
+        sets["concept"][concept] = list(prompts)
+    if neutral:
+        sets["neutral"] = {"": list(neutral)}
+    if rephrase:
+        sets["rephrase"] = {concept: list(rephrase)}
+    rows = rows_from_sets(sets, seeds_per_prompt)
+    attacks = {f"adversarial:{name}": {concept or "": list(p)} for name, p in (adversarial or {}).items()}
+    return rows + rows_from_sets(attacks, seeds_per_prompt, first_seed=2_000_000)
 
 
 # ---------------------------------------------------------------- the white-box attack

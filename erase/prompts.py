@@ -1,8 +1,8 @@
 """Prompt sets for an erasure run: the concept's prompts (C_R), neutral prompts (C_N), targets.
 
-Defaults for real text-to-image models are a handful of templates around the concept and a small
-set of everyday captions written for this project (the paper uses Conceptual Captions; any
-caption set works, pass your own with --neutral-prompts FILE).
+Prompt files are read here, whatever their type or filesystem; a model's own default sets come
+from its registry entry (erase.pipelines): the toy world's prompts, or templates and everyday
+captions for FLUX.1.
 """
 
 from __future__ import annotations
@@ -11,45 +11,9 @@ import os
 
 from erase.errors import EraseError
 
-CONCEPT_TEMPLATES = (
-    "{c}",
-    "a photo of {c}",
-    "a painting of {c}",
-    "a picture of {c} in a city street",
-    "a close-up photo of {c}",
-    "an illustration of {c} on a white background",
-    "{c} in the style of a movie still",
-    "a realistic image of {c}, natural light",
-)
-
-NEUTRAL_PROMPTS = (
-    "a bowl of fruit on a wooden table",
-    "a mountain lake at sunrise",
-    "a red bicycle leaning against a brick wall",
-    "a busy market street in the afternoon",
-    "a cup of coffee next to an open book",
-    "a lighthouse on a rocky coast",
-    "a dog running on a beach",
-    "a modern kitchen with white cabinets",
-    "a field of sunflowers under a blue sky",
-    "an old train station with people waiting",
-    "a snowy forest path",
-    "a plate of pasta with basil",
-    "a city skyline at night",
-    "a sailboat on a calm sea",
-    "a cat sleeping on a sofa",
-    "a vegetable garden in summer",
-)
-
 
 class PromptError(EraseError):
     """A prompt set is empty, unreadable or does not fit the target; the message says what to do."""
-
-
-def concept_prompts(concept: str) -> list[str]:
-    if not concept.strip():
-        raise PromptError("the concept is empty; pass --concept with the words to erase, e.g. --concept 'Van Gogh'")
-    return [t.format(c=concept) for t in CONCEPT_TEMPLATES]
 
 
 # Prompt files by ending: text with one prompt per line, or a table with a prompt column.
@@ -119,21 +83,14 @@ def substitute(prompt: str, mapping: dict[str, str]) -> str:
     return " ".join(out.split())
 
 
-def toy_prompt_sets(concept: str) -> tuple[list[str], list[str]]:
-    """The toy world's sets: prompts naming the concept with every value of two other attributes,
-    and as neutral prompts the same for every other concept of its group (none names it)."""
-    from erase.pipelines import toy_world as world
+def prompt_sets(model: str, concept: str, *, prompts: str | None = None, neutral: str | None = None,
+                column: str = "prompt") -> tuple[list[str], list[str]]:
+    """A run's (concept prompts, neutral prompts): the files where given, else the model's own sets."""
+    from erase.pipelines import model as model_entry
 
-    if concept not in world.all_concepts():
-        groups = "; ".join(f"{g}: {', '.join(m)}" for g, m in world.GROUPS.items())
-        raise PromptError(f"the toy world has no concept {concept!r}; its concepts are {groups}")
-    group = world.GROUPS[world.group_of(concept)]
-    neutral = [p for other in group if other != concept for p in world.concept_prompts(other)]
-    return world.concept_prompts(concept), neutral
-
-
-def default_prompt_sets(model: str, concept: str) -> tuple[list[str], list[str]]:
-    """(concept prompts, neutral prompts) when the user gives no prompt files."""
-    if model == "toy":
-        return toy_prompt_sets(concept)
-    return concept_prompts(concept), list(NEUTRAL_PROMPTS)
+    erase_prompts, neutral_prompts = model_entry(model).prompt_sets(concept)
+    if prompts:
+        erase_prompts = read_prompts(prompts, "concept prompt", column)
+    if neutral:
+        neutral_prompts = read_prompts(neutral, "neutral prompt", column)
+    return erase_prompts, neutral_prompts

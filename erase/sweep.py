@@ -169,7 +169,7 @@ def worker_loop(config: dict) -> None:
         run_id = logger.run_id
 
     eval_rows = _rows_from_shard(ray.train.get_dataset_shard("eval"))
-    detector = DetectStage(detector=build_detector(spec.detector or {"name": "toy"}, device=device))
+    detector = DetectStage(detector=build_detector(spec.detector, device=device))
     settings = EvalSettings(model=spec.model, concept=spec.concept, attack=None, steps=cfg.sampling_steps)
     fail_marker = os.path.join(config["marker_dir"], f"failed-{config['trial_id']}")
 
@@ -348,20 +348,16 @@ def _prompt_sets(spec: SweepSpec, fixed: dict):
     import ray.data
 
     from erase.data import read_prompt_dataset, with_seeds
-    from erase.evaluate import prompt_rows as eval_prompt_rows
-    from erase.evaluate import toy_rows
+    from erase.evaluate import evaluation_rows
     from erase.pipelines import recipe_defaults
-    from erase.prompts import NEUTRAL_PROMPTS, concept_prompts, default_prompt_sets
+    from erase.prompts import prompt_sets, read_prompts
     from erase.tracking import prompts_hash
     from erase.train import first_seeds
 
     settings = {**recipe_defaults(spec.model, spec.concept), **fixed}  # the trials' own: see trial()
     erase_first, neutral_first = first_seeds(TrainConfig(concept=spec.concept, seed=int(settings.get("seed", 0))))
     noises = int(settings.get("noises_per_prompt", 1))
-    if spec.model == "toy":
-        erase_list, neutral_list = default_prompt_sets("toy", spec.concept)
-    else:
-        erase_list, neutral_list = concept_prompts(spec.concept), list(NEUTRAL_PROMPTS)
+    erase_list, neutral_list = prompt_sets(spec.model, spec.concept)
     if spec.prompts:
         erase_ds = read_prompt_dataset(spec.prompts, spec.prompt_column)
     else:
@@ -372,13 +368,9 @@ def _prompt_sets(spec: SweepSpec, fixed: dict):
         neutral_ds = ray.data.from_items([{"prompt": p} for p in neutral_list])
     erase_ds = with_seeds(erase_ds, erase_first, noises).materialize()
     neutral_ds = with_seeds(neutral_ds, neutral_first, noises).materialize()
-    if spec.model == "toy" and spec.eval_prompts is None:
-        rows = toy_rows(spec.concept, seeds_per_prompt=1)
-    else:
-        source = spec.eval_prompts or spec.prompts
-        concept_list = ([r["prompt"] for r in with_seeds(read_prompt_dataset(source, spec.prompt_column), 0, 1).take_all()]
-                        if source else concept_prompts(spec.concept))
-        rows = eval_prompt_rows({spec.concept: concept_list}, neutral=list(NEUTRAL_PROMPTS), erased=spec.concept)
+    source = spec.eval_prompts or spec.prompts
+    concept_list = read_prompts(source, "evaluation prompt", spec.prompt_column) if source else None
+    rows = evaluation_rows(spec.model, spec.concept, seeds_per_prompt=1, prompts=concept_list)
     eval_ds = ray.data.from_items(rows).materialize()
     hashes = {name: prompts_hash(sorted(str(r["prompt"]) for r in ds.take_all()))
               for name, ds in (("erase", erase_ds), ("neutral", neutral_ds), ("eval", eval_ds))}
@@ -504,12 +496,11 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
         if key in loaded.search:
             raise SweepError(f"{loaded.path}: {key!r} sets the prompt streams' noise seeds and cannot be searched; "
                              "move it to `fixed`")
-    if model == "toy":
-        from erase.prompts import toy_prompt_sets
-
-        for concept in concepts:
-            toy_prompt_sets(concept)  # a clear error for a concept the world does not have
+    from erase.pipelines import model as model_entry
     from erase.prompts import read_prompts
+
+    for concept in concepts:
+        model_entry(model).prompt_sets(concept)  # a clear error for a concept the model does not have
 
     for key, what in (("prompts", "concept prompt"), ("neutral_prompts", "neutral prompt"), ("eval_prompts", "evaluation prompt")):
         if options.get(key):  # a missing, unreadable or empty file fails here, before Ray starts

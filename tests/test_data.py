@@ -92,10 +92,10 @@ def test_adversarial_loaders(tmp_path):
 
 def test_sweep_prompt_streams_take_the_recipe_noises_unless_the_space_fixes_them(ray_local):
     from erase.pipelines import recipe_defaults
-    from erase.prompts import toy_prompt_sets
+    from erase.prompts import prompt_sets
     from erase.sweep import SweepSpec, _prompt_sets
 
-    erase_prompts, neutral = toy_prompt_sets("cross")
+    erase_prompts, neutral = prompt_sets("toy", "cross")
     noises = recipe_defaults("toy", "cross")["noises_per_prompt"]
     assert noises > 1  # otherwise this test shows nothing
     spec = SweepSpec(sweep_id="t", concept="cross")

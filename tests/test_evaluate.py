@@ -21,7 +21,7 @@ from erase.evaluate import (
     preservation_figure,
     rate,
     run_stages_locally,
-    toy_rows,
+    evaluation_rows,
     whitebox_attack,
 )
 from erase.pipelines import toy
@@ -111,21 +111,21 @@ def test_frechet_distance_matches_the_closed_form_for_gaussians():
     assert abs(frechet_distance(a, a)) < 1e-6
 
 
-def test_toy_rows_cover_every_concept_and_the_rephrasings():
-    rows = toy_rows("circle", seeds_per_prompt=2)
+def test_toy_evaluation_rows_cover_every_concept_and_the_rephrasings():
+    rows = evaluation_rows("toy", "circle", seeds_per_prompt=2)
     plain = {r["concept"] for r in rows if r["kind"] == "concept"}
     assert plain == set(world.all_concepts())
     rephrased = [r for r in rows if r["kind"] == "rephrase"]
     assert rephrased and all(r["concept"] == "circle" and "circle" not in r["prompt"] for r in rephrased)
     assert len({r["seed"] for r in rows}) == len(rows)
-    assert toy_rows("circle", seeds_per_prompt=2) == rows  # fixed seeds
+    assert evaluation_rows("toy", "circle", seeds_per_prompt=2) == rows  # fixed seeds
 
 
 def test_base_model_report_has_full_preservation(fresh):
     gen, detector = fresh
     settings = EvalSettings(concept="circle", attack=None)
     stages = (GenerateStage(gen=gen), DetectStage(detector=_ToyWrapper(detector)))
-    rows = toy_rows("circle", seeds_per_prompt=1)
+    rows = evaluation_rows("toy", "circle", seeds_per_prompt=1)
     report, _ = evaluate(settings, rows, stages=stages)
     assert report["erasure_rate"]["value"] == report["base_rate"]["value"] == report["detection"]["circle"]
     if report["preservation"]["value"] is not None:
@@ -147,14 +147,14 @@ def test_masked_evaluation_on_fresh_weights(fresh):
     zeros = {s.name: torch.zeros(s.size) for s in sites}
     stages = (GenerateStage(gen=gen, masks=(sites, zeros)), DetectStage(detector=_ToyWrapper(detector)))
     settings = EvalSettings(concept="red", attack=AttackConfig(prompts=2, steps=2))
-    report, results = evaluate(settings, toy_rows("red", seeds_per_prompt=1), stages=stages)
+    report, results = evaluate(settings, evaluation_rows("toy", "red", seeds_per_prompt=1), stages=stages)
     assert report["neutral_fidelity"]["value"] > 0
     assert report["attack_success_rate"]["n"] == 2
     assert len(report["_attack_images"]) == 2
     assert "skipped" in report["fid"] and "skipped" in report["clip_score"]
     ones = {s.name: torch.ones(s.size) for s in sites}
     stages[0].sites, stages[0].binary = sites, ones
-    report, _ = evaluate(EvalSettings(concept="red", attack=None), toy_rows("red", 1), stages=stages)
+    report, _ = evaluate(EvalSettings(concept="red", attack=None), evaluation_rows("toy", "red", 1), stages=stages)
     assert report["detection"] == report["base_detection"] and report["neutral_fidelity"]["value"] == 0.0
 
 
@@ -174,7 +174,7 @@ def test_whitebox_attack_lowers_its_loss(tiny):
 def test_stages_batch_rows_and_cache_base_images(fresh):
     gen, detector = fresh
     stage = GenerateStage(gen=gen)
-    rows = toy_rows(None, 1)[:10]
+    rows = evaluation_rows("toy", None, 1)[:10]
     out = run_stages_locally(rows, stage, DetectStage(detector=_ToyWrapper(detector)), batch_size=4)
     assert len(out) == 10 and len(stage.base_cache) == 10
     assert out[3]["base"].shape == (16, 16, 3) and out[3]["base"].dtype == np.uint8

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from erase.errors import EraseError
 from erase.prompts import PromptError
 from erase.sweep import SweepError, _slots, plan, run_sweep, score
 
@@ -36,7 +37,7 @@ def test_plan_checks_the_request(tmp_path):
     specs = plan("toy", ["circle", "red"], str(space), 3, str(tmp_path / "s"))
     assert [s.concept for s in specs] == ["circle", "red"] and len({s.sweep_id for s in specs}) == 1
     assert specs[0].study_dir.endswith(os.path.join(specs[0].sweep_id, "circle"))
-    with pytest.raises(PromptError, match="no concept 'unicorn'"):
+    with pytest.raises(EraseError, match="no concept 'unicorn'"):
         plan("toy", ["unicorn"], str(space), 3, str(tmp_path / "s"))
     with pytest.raises(SweepError, match="--trials"):
         plan("toy", ["circle"], str(space), 0, str(tmp_path / "s"))

@@ -72,7 +72,7 @@ def test_recipe_maps_a_toy_colour_or_style_onto_its_prompt_without_the_word():
     assert blue["target"] == "substitute"
     assert substitute("a striped blue circle", blue["substitutions"]) == "a striped circle"
     assert recipe_defaults("toy", "striped")["substitutions"] == {"striped": ""}
-    assert recipe_defaults("flux.1-schnell", "nudity") == {"beta": 0.01}
+    assert recipe_defaults("flux.1-schnell", "nudity") == {}  # FLUX.1 takes TrainConfig's own: the paper's
 
 
 def test_toy_prompt_reaches_the_transformer_through_its_tokens_only(fresh_toy):

@@ -46,12 +46,12 @@ def test_generator_meets_the_held_out_bar_as_recorded(shipped):
 
 @pytest.mark.slow
 def test_short_erasure_lowers_the_concept_detection_rate(shipped):
-    from erase.prompts import toy_prompt_sets
+    from erase.prompts import prompt_sets
     from erase.train import TrainConfig, train
 
     gen, _ = shipped
     detector = ToyWorldDetector()
-    erase_prompts, neutral = toy_prompt_sets("circle")
+    erase_prompts, neutral = prompt_sets("toy", "circle")
     result = train(gen, TrainConfig(concept="circle", beta=0.01, steps=80, log_every=80), erase_prompts,
                    neutral[::4], progress=False)
     prompts = world.concept_prompts("circle")

@@ -1,4 +1,4 @@
-"""Generators behind one small interface, and where their mask sites are.
+"""Generators behind one small interface, and the registry of models.
 
 A generator adapter gives the method exactly what it needs and nothing more:
 
@@ -9,18 +9,27 @@ A generator adapter gives the method exactly what it needs and nothing more:
     gen.decode(latents)            -> images, float in [0, 1], shape (B, 3, H, W)
     gen.mask_sites()               -> the MaskSite list of its transformer
     gen.transformer                -> the module the masks hook into
-    gen.model_id, gen.default_steps
+    gen.model_id, gen.default_steps, gen.guidance, gen.device
 
-Adding a model means adding one file here and one entry in `MODELS`.
+A model is one `ModelEntry`: how to load it, how to build its architecture without weights,
+where its masks go, and what the rest of the project asks of a model by name (recipe defaults,
+default prompt and evaluation sets, detector, candidate vocabulary). The built-in entries live
+beside their code (`toy.ENTRY`, `flux.ENTRIES`): adding a model means one file here and one
+line in `_builtin_entries`, or `register(entry)` from anywhere before the model is used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from erase.errors import EraseError
+
+DEFAULT_MODEL = "toy"  # the embedded default: the toy world, whose weights ship with the package
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SITE_GROUPS = ("ffn", "norm", "attn")
 
 
 class ModelError(EraseError):
@@ -54,83 +63,90 @@ class MaskSite:
     producer: str | None = None
 
 
-SITE_GROUPS = ("ffn", "norm", "attn")
-
-# name -> (module that builds it, description). Real checkpoints load weights; random configs
-# are for tests and benchmarks (random weights, nothing to download).
-MODELS = {
-    "toy": "the toy world that ships with the project: 16x16 shapes, trained weights included (the default)",
-    "flux.1-schnell": "FLUX.1-schnell (12B, 4 steps, guidance-free); weights from the hub or --model-path",
-    "flux.1-dev": "FLUX.1-dev (12B, guidance-distilled); weights from the hub or --model-path",
-    "flux-tiny": "FLUX.1 architecture, tiny random config (tests)",
-    "flux-bench": "FLUX.1 architecture, ~20M-parameter random config (benchmarks)",
-}
+def _no_defaults(concept: str | None) -> dict:
+    return {}
 
 
-def recipe_defaults(model: str, concept: str | None = None) -> dict:
-    """Recipe settings that differ by model: the paper's (Table 6) for FLUX.1, the toy world's own.
+@dataclass(frozen=True)
+class ModelEntry:
+    """Everything the project needs to know about one model, by name.
 
-    The toy world's loss has another scale than FLUX.1's latents (pixels in [-1, 1], objects
-    covering a quarter of the image), so the paper's β = 0.01 lets the erase term wipe out every
-    object; its default was chosen from measured runs (pipelines/toy.py). A toy colour or style
-    maps onto its prompt with the word dropped (the reference code's 'de-conceptualised' prompt),
-    which the world draws in its default look (grey, solid): masks can only remove, and removing
-    a colour leaves that look, not the empty background the `empty` target asks for.
+    Evaluation sets are {kind: {concept: prompts}} with kinds "concept" (prompts naming the
+    concept plainly), "rephrase" (naming it indirectly) and "neutral" (concept ""): see
+    erase.evaluate for what each kind measures.
     """
-    _check_name(model)
-    if model == "toy":
-        from erase.pipelines import toy_world
-        from erase.pipelines.toy import RECIPE_DEFAULTS
 
-        defaults = dict(RECIPE_DEFAULTS)
-        if concept in toy_world.all_concepts() and toy_world.attribute_of(concept) in ("colour", "style"):
-            defaults.update(target="substitute", substitutions={concept: ""})
-        return defaults
-    return {"beta": 0.01}
+    name: str
+    description: str
+    load: Callable[..., object]  # (model_path, *, dtype: torch.dtype, device, guidance) -> a generator
+    meta_transformer: Callable[[], torch.nn.Module]  # its transformer on the meta device: structure, no weights
+    mask_sites: Callable[[torch.nn.Module], list]  # a transformer -> its MaskSite list
+    prompt_sets: Callable[[str], tuple[list[str], list[str]]]  # concept -> (concept prompts, neutral prompts)
+    eval_sets: Callable[[str | None], dict]  # concept (None: every concept) -> evaluation sets
+    recipe_defaults: Callable[[str | None], dict] = _no_defaults  # settings that differ from TrainConfig's
+    recipes: dict = field(default_factory=dict)  # named recipes: name -> settings
+    detector: dict | None = None  # spec of the detector that knows this model's concepts, if any
+    vocabulary: Callable[[str], list[str]] | None = None  # a concept -> candidates for the adaptive target
+    sweep_concepts: tuple[str, ...] = ()  # what `erase sweep` erases when no --concepts are given
+    graph_concepts: tuple[str, ...] = ()  # what `erase graph` erases when no --concepts are given
+    concept_graph: str | None = None  # a concept graph (graph.json) made on this model's weights
 
 
-def _check_name(model: str) -> None:
-    if model not in MODELS:
-        known = ", ".join(MODELS)
-        raise ModelError(f"unknown model {model!r}; known models: {known}")
+_MODELS: dict[str, ModelEntry] = {}
 
 
-def load_generator(model: str, model_path: str | None = None, *, dtype: str = "fp32", device: str = "cpu",
+def _builtin_entries() -> list[ModelEntry]:
+    from erase.pipelines import flux, toy
+
+    return [toy.ENTRY, *flux.ENTRIES]
+
+
+def models() -> dict[str, ModelEntry]:
+    """Every model by name: the built-in ones first, then any registered since."""
+    if not _MODELS:
+        for entry in _builtin_entries():
+            _MODELS[entry.name] = entry
+    return _MODELS
+
+
+def register(entry: ModelEntry) -> None:
+    """Make `entry` known by its name to every command and function that takes a model name."""
+    if entry.name in models():
+        raise ModelError(f"a model named {entry.name!r} is already registered")
+    _MODELS[entry.name] = entry
+
+
+def model(name: str) -> ModelEntry:
+    known = models()
+    if name not in known:
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(known)}")
+    return known[name]
+
+
+def load_generator(name: str, model_path: str | None = None, *, dtype: str = "fp32", device: str = "cpu",
                    guidance: float | None = None):
-    """Build the generator `model` (a name from MODELS), with weights from `model_path` if given.
+    """Build the generator of model `name`, with weights from `model_path` if given.
 
     `guidance`: classifier-free guidance scale for the toy world, embedded guidance for
     FLUX.1-dev; None keeps the model's default.
     """
-    _check_name(model)
-    from erase.pipelines import flux
-
-    if model == "toy":
-        from erase.pipelines import toy
-
-        if dtype not in flux.DTYPES:
-            raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(flux.DTYPES)}")
-        return toy.load(model_path, guidance=guidance, device=device, dtype=flux.DTYPES[dtype])
-    return flux.load(model, model_path, dtype=dtype, device=device, guidance=guidance)
+    entry = model(name)
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return entry.load(model_path, dtype=DTYPES[dtype], device=device, guidance=guidance)
 
 
-def meta_transformer(model: str):
+def meta_transformer(name: str) -> torch.nn.Module:
     """The model's transformer built on the meta device: its structure, no weights, no memory."""
-    _check_name(model)
-    from erase.pipelines import flux
-
-    if model == "toy":
-        from diffusers import FluxTransformer2DModel
-
-        from erase.pipelines.toy import TRANSFORMER_CONFIG
-
-        with torch.device("meta"):
-            return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
-    return flux.meta_transformer(model)
+    return model(name).meta_transformer()
 
 
-def mask_sites(model: str):
-    """The mask sites of `model`, read off its architecture without loading weights."""
-    from erase.pipelines import flux
+def mask_sites(name: str) -> list[MaskSite]:
+    """The mask sites of model `name`, read off its architecture without loading weights."""
+    entry = model(name)
+    return entry.mask_sites(entry.meta_transformer())
 
-    return flux.flux_mask_sites(meta_transformer(model))
+
+def recipe_defaults(name: str, concept: str | None = None) -> dict:
+    """The recipe settings in which model `name` differs from TrainConfig's own defaults (the paper's)."""
+    return dict(model(name).recipe_defaults(concept))

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
-from erase.pipelines import MaskSite, ModelError, Tap
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from erase.pipelines import MaskSite, ModelEntry, ModelError, Tap
 
 # Real checkpoints: where the weights live on the hub, and how the model is sampled.
 CHECKPOINTS = {
@@ -172,11 +171,9 @@ class FluxGenerator:
         return ((image.float() + 1) / 2).clamp(0, 1)
 
 
-def load(model: str, model_path: str | None, *, dtype: str = "fp32", device: str = "cpu",
+def load(model: str, model_path: str | None, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
          guidance: float | None = None) -> FluxGenerator:
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = dtype
     if model in RANDOM_CONFIGS:
         spec = RANDOM_CONFIGS[model]
         if model_path is not None:
@@ -255,3 +252,72 @@ def build_random_pipeline(model: str, seed: int = 0):
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=byte_tokenizer(spec["max_text"]),
         text_encoder_2=t5, tokenizer_2=byte_tokenizer(spec["max_text"]), transformer=transformer)
+
+
+# ---------------------------------------------------------------- prompt sets and the registry entries
+
+# Default prompt sets for an open-vocabulary model when the user gives no prompt files: a handful
+# of templates around the concept, and everyday captions written for this project (the paper
+# uses Conceptual Captions; any caption set works: pass your own with --neutral-prompts FILE).
+CONCEPT_TEMPLATES = (
+    "{c}",
+    "a photo of {c}",
+    "a painting of {c}",
+    "a picture of {c} in a city street",
+    "a close-up photo of {c}",
+    "an illustration of {c} on a white background",
+    "{c} in the style of a movie still",
+    "a realistic image of {c}, natural light",
+)
+
+NEUTRAL_PROMPTS = (
+    "a bowl of fruit on a wooden table",
+    "a mountain lake at sunrise",
+    "a red bicycle leaning against a brick wall",
+    "a busy market street in the afternoon",
+    "a cup of coffee next to an open book",
+    "a lighthouse on a rocky coast",
+    "a dog running on a beach",
+    "a modern kitchen with white cabinets",
+    "a field of sunflowers under a blue sky",
+    "an old train station with people waiting",
+    "a snowy forest path",
+    "a plate of pasta with basil",
+    "a city skyline at night",
+    "a sailboat on a calm sea",
+    "a cat sleeping on a sofa",
+    "a vegetable garden in summer",
+)
+
+
+def concept_prompts(concept: str) -> list[str]:
+    if not concept.strip():
+        raise ModelError("the concept is empty; pass --concept with the words to erase, e.g. --concept 'Van Gogh'")
+    return [t.format(c=concept) for t in CONCEPT_TEMPLATES]
+
+
+def prompt_sets(concept: str) -> tuple[list[str], list[str]]:
+    return concept_prompts(concept), list(NEUTRAL_PROMPTS)
+
+
+def eval_sets(concept: str | None) -> dict:
+    """The concept's templates and the neutral captions: an open vocabulary has no set of its own
+    that names every concept, so evaluating needs the concept (or prompt files)."""
+    if concept is None:
+        raise ModelError("evaluating a FLUX.1 model needs the erased concept: pass --concept (or a mask file "
+                         "that names it)")
+    return {"concept": {concept: concept_prompts(concept)}, "neutral": {"": list(NEUTRAL_PROMPTS)}}
+
+
+def _entry(name: str, description: str) -> ModelEntry:
+    return ModelEntry(name=name, description=description, load=partial(load, name),
+                      meta_transformer=partial(meta_transformer, name), mask_sites=flux_mask_sites,
+                      prompt_sets=prompt_sets, eval_sets=eval_sets)
+
+
+ENTRIES = [
+    _entry("flux.1-schnell", "FLUX.1-schnell (12B, 4 steps, guidance-free); weights from the hub or --model-path"),
+    _entry("flux.1-dev", "FLUX.1-dev (12B, guidance-distilled); weights from the hub or --model-path"),
+    _entry("flux-tiny", "FLUX.1 architecture, tiny random config (tests)"),
+    _entry("flux-bench", "FLUX.1 architecture, ~20M-parameter random config (benchmarks)"),
+]

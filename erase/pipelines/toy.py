@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from erase.pipelines import MaskSite, ModelError
+from erase.pipelines import MaskSite, ModelEntry, ModelError
 from erase.pipelines import toy_world as world
 from erase.pipelines.flux import flux_mask_sites
 
@@ -241,3 +241,72 @@ def load_detector(model_path: str | None = None, device: str = "cpu") -> ToyDete
     detector = ToyDetector()
     detector.load_state_dict(load_file(path))
     return detector.to(device).eval()
+
+
+# ---------------------------------------------------------------- the registry entry
+
+
+def meta_transformer() -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+
+
+def check_concept(concept: str) -> None:
+    if concept not in world.all_concepts():
+        groups = "; ".join(f"{g}: {', '.join(m)}" for g, m in world.GROUPS.items())
+        raise ModelError(f"the toy world has no concept {concept!r}; its concepts are {groups}")
+
+
+def prompt_sets(concept: str) -> tuple[list[str], list[str]]:
+    """Prompts naming the concept with every value of two other attributes, and as neutral prompts
+    the same for every other concept of its group (none of them names it)."""
+    check_concept(concept)
+    group = world.GROUPS[world.group_of(concept)]
+    neutral = [p for other in group if other != concept for p in world.concept_prompts(other)]
+    return world.concept_prompts(concept), neutral
+
+
+def eval_sets(concept: str | None) -> dict:
+    """Every concept's plain prompts; with a concept, also its synonyms and indirect descriptions."""
+    sets = {"concept": {c: world.concept_prompts(c) for c in world.all_concepts()}}
+    if concept is not None:
+        check_concept(concept)
+        sets["rephrase"] = {concept: world.concept_prompts(concept, "synonym") + world.concept_prompts(concept, "indirect")}
+    return sets
+
+
+def recipe_defaults(concept: str | None) -> dict:
+    """RECIPE_DEFAULTS, and for a colour or style the substitute target with the word dropped: the
+    reference code's 'de-conceptualised' prompt, which this world draws in its default look (grey,
+    solid). Masks can only remove, and removing a colour leaves that look, not the empty
+    background the `empty` target asks for."""
+    defaults = dict(RECIPE_DEFAULTS)
+    if concept in world.all_concepts() and world.attribute_of(concept) in ("colour", "style"):
+        defaults.update(target="substitute", substitutions={concept: ""})
+    return defaults
+
+
+def vocabulary(concept: str) -> list[str]:
+    """The adaptive target's candidates: the other concepts of the erased one's group, so that an
+    object maps onto an object. (With every toy concept, "cross"'s nearest words were backgrounds
+    and styles, and a prompt naming no object erased little: README, Adaptive targets.)"""
+    if concept in world.all_concepts():
+        return list(world.GROUPS[world.group_of(concept)])
+    return world.all_concepts()
+
+
+def _load(model_path: str | None, *, dtype: torch.dtype, device: str, guidance: float | None) -> ToyGenerator:
+    return load(model_path, guidance=guidance, device=device, dtype=dtype)
+
+
+ENTRY = ModelEntry(
+    name="toy",
+    description="the toy world that ships with the project: 16x16 shapes, trained weights included (the default)",
+    load=_load, meta_transformer=meta_transformer, mask_sites=flux_mask_sites, prompt_sets=prompt_sets,
+    eval_sets=eval_sets, recipe_defaults=recipe_defaults, detector={"name": "toy"}, vocabulary=vocabulary,
+    sweep_concepts=("striped",),  # the concept its masks erase best (README, "The toy world")
+    graph_concepts=world.OBJECTS,
+    concept_graph=os.path.join(WEIGHTS_DIR, "concept_graph.json"),
+)
