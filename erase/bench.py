@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from erase.config import default_value, resolve
 from erase.errors import EraseError
 
 
@@ -51,11 +52,12 @@ def measure_row(model: str, steps: int, checkpointing: bool, *, batch_size: int 
                 repeats: int = 2, device: str = "cpu", model_path: str | None = None) -> dict:
     """One row, measured in this process."""
     from erase.pipelines import load_generator
-    from erase.train import TrainConfig, train
+    from erase.train import train
 
     gen = load_generator(model, model_path, device=device)
-    cfg = TrainConfig(concept="bench", sites=tuple(sites), steps=1 + repeats, batch_size=batch_size,
-                      sampling_steps=steps, checkpointing=checkpointing, log_every=1, lr_attn=0.5 if "attn" in sites else 0.0)
+    cfg = resolve(model, "bench", flags={"sites": tuple(sites), "steps": 1 + repeats, "batch_size": batch_size,
+                                         "sampling_steps": steps, "checkpointing": checkpointing, "log_every": 1,
+                                         "lr_attn": 0.5 if "attn" in sites else 0.0})
     marks: list[float] = []
     baseline: list[float] = []
 
@@ -187,9 +189,9 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     every run is listed; a strategy that cannot reach the level shows it in its runs.
     """
     from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, evaluation_rows
-    from erase.pipelines import load_generator, recipe_defaults
+    from erase.pipelines import load_generator
     from erase.prompts import prompt_sets
-    from erase.train import TrainConfig, train
+    from erase.train import train
 
     gen = load_generator("toy")
     detect = DetectStage({"name": "toy"})
@@ -198,14 +200,12 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     base_cache: dict = {}
     # the recipe's settings for this concept, as `erase train` would use them: its β, its noises per
     # prompt and, for a colour or style, its substitution (the word dropped) instead of `substitute_phrase`
-    defaults = recipe_defaults("toy", concept)
-    beta = defaults["beta"] if beta is None else beta
-    substitutions = defaults.get("substitutions") or {concept: substitute_phrase}
+    beta = default_value("toy", "beta", concept) if beta is None else beta
+    substitutions = default_value("toy", "substitutions", concept) or {concept: substitute_phrase}
 
     def erase_once(strategy: str, run_beta: float) -> dict:
-        cfg = TrainConfig(concept=concept, target=strategy, beta=run_beta, steps=steps, seed=seed,
-                          noises_per_prompt=defaults["noises_per_prompt"],
-                          substitutions=substitutions if strategy == "substitute" else {})
+        cfg = resolve("toy", concept, flags={"target": strategy, "beta": run_beta, "steps": steps, "seed": seed,
+                                             "substitutions": substitutions})
         result = train(gen, cfg, erase_prompts, neutral, progress=progress)
         stage = GenerateStage(gen=gen, masks=(result.masks.sites, result.masks.binary()))
         stage.base_cache = base_cache
@@ -254,10 +254,7 @@ def grid_betas(model: str) -> list[float]:
 
     The toy world's loss is about 100x FLUX.1's (its recipe β is 1.0, not 0.01), so the FLUX
     grid taken as it is would test only βs at which the toy loses most of what it should keep."""
-    from erase.pipelines import recipe_defaults
-    from erase.train import TrainConfig
-
-    scale = recipe_defaults(model).get("beta", TrainConfig.beta) / PAPER_BETA
+    scale = default_value(model, "beta") / PAPER_BETA
     return [float(f"{b * scale:.6g}") for b in GRID_BETAS]
 
 
@@ -280,10 +277,10 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
     import tempfile
 
     from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, evaluation_rows
-    from erase.pipelines import load_generator, recipe_defaults
+    from erase.pipelines import load_generator
     from erase.prompts import prompt_sets
     from erase.sweep import plan, run_sweep, score
-    from erase.train import TrainConfig, train
+    from erase.train import train
 
     gen = load_generator("toy")
     detect = DetectStage({"name": "toy"})
@@ -293,8 +290,8 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
     grid, betas = [], grid_betas("toy")
     for beta in betas:
         for lr in lrs:
-            cfg = TrainConfig(**{**recipe_defaults("toy", concept), "beta": beta}, concept=concept, lr_ffn=lr,
-                              lr_norm=lr, steps=steps, batch_size=4, sites=("ffn", "norm"))  # the sweep's target too
+            cfg = resolve("toy", concept, flags={"beta": beta, "lr_ffn": lr, "lr_norm": lr, "steps": steps,
+                                                 "batch_size": 4, "sites": ("ffn", "norm")})  # the sweep's target too
             result = train(gen, cfg, erase_prompts, neutral, progress=progress)
             stage = GenerateStage(gen=gen, masks=(result.masks.sites, result.masks.binary()))
             stage.base_cache = base_cache

@@ -14,8 +14,9 @@ import os
 import sys
 import time
 
+from erase import config
 from erase.errors import EraseError
-from erase.pipelines import SITE_GROUPS, models
+from erase.pipelines import models
 
 EXAMPLES = """examples (the toy world is the default model):
   erase sweep                                            a small sweep for 'striped' on a local Ray
@@ -27,6 +28,17 @@ EXAMPLES = """examples (the toy world is the default model):
   erase sites --model flux.1-schnell --json
   erase masks import-reference ./reference_masks --model flux.1-schnell --out nudity.safetensors
 """
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help, once: not when the help states it already, nor when it is
+    None or False (an absent value or an off switch says nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default:" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})" if text else f"(default: {action.default})"
 
 
 def _add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -50,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Each trial is a Ray Train run (one worker per GPU, the CPU otherwise), every trial an MLflow "
                        "run. With no flags: a small sweep of the toy world's 'striped' on a local Ray. Ctrl-C stops "
                        "cleanly; --resume ID continues without losing finished trials.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     _add_model_args(p, default="toy")
     p.add_argument("--concepts", help="comma-separated concepts, one study each (toy default: striped, the "
                    "concept its masks erase best)")
@@ -82,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "version of the registered model erase-<model>-<concept>, with its figures and lineage, and "
                        "move --alias to it. Gates: erasure_rate at most max_erasure_rate, preservation at least "
                        "min_preservation (defaults 0.05 and 0.9, or --gates FILE); below them promotion is refused "
-                       "unless --force.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "unless --force.", formatter_class=HelpFormatter)
     p.add_argument("--concept", required=True)
     p.add_argument("--model", default="toy", help=f"base model: {', '.join(models())}")
     p.add_argument("--sweep", help="only runs of this sweep id")
@@ -100,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "settings from --space), then every mask evaluated on every concept. Writes the side-effect "
                        "matrix Δ(erased, measured) = base detection - detection after erasure, on the measured "
                        "concept's prompts that do not name the erased one, as JSON, a Markdown table and a heatmap "
-                       "PNG.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "PNG.", formatter_class=HelpFormatter)
     _add_model_args(p, default="toy")
     p.add_argument("--concepts", help="comma-separated concepts (toy default: its six objects)")
     p.add_argument("--space", default="concept_graph", help="settings of every erasure (a space file)")
@@ -122,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one erasure run in this process; writes a mask file and metrics JSON",
                        description="Learn masks that erase --concept, backpropagating the MCE loss through every "
                        "sampling step (step-wise checkpointed). Defaults are the paper's (Table 6).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     _add_model_args(p, default="toy")
     _add_run_args(p)
     p.add_argument("--concept", required=True, help="the concept to erase, e.g. 'Van Gogh' or 'nudity'; "
@@ -136,43 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-column", default="prompt", help="column holding the prompts in .csv/.parquet/.jsonl files")
     p.add_argument("--out", metavar="MASK", help="mask file to write (default: MODEL-CONCEPT.safetensors here)")
     p.add_argument("--metrics", metavar="FILE", help="metrics JSON to write (default: MASK with .json)")
-    p.add_argument("--sites", default="ffn,norm", help=f"site groups to mask, comma-separated from {','.join(SITE_GROUPS)}")
-    p.add_argument("--parametrisation", default="hard_concrete", choices=["hard_concrete", "sigmoid", "binary"])
-    p.add_argument("--init-logit", type=float, default=3.0, help="initial λ (3: mask ≈ 1)")
-    p.add_argument("--substitute", action="append", metavar="OLD=NEW", help="for --target substitute: replace "
-                   "OLD in each concept prompt by NEW (repeatable), e.g. 'Van Gogh=a painter'")
-    p.add_argument("--beta", type=float, help="weight of the preservation term (smaller: stronger erasure); default: "
-                   "the model's recipe default (" + _recipe_defaults_text("beta") + ")")
-    p.add_argument("--lr-ffn", type=float, default=0.5)
-    p.add_argument("--lr-norm", type=float, default=0.5)
-    p.add_argument("--lr-attn", type=float, default=0.0, help="0 leaves attention heads unmasked (the paper's default)")
-    p.add_argument("--optimizer", default="adamw", choices=["adam", "adamw"])
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--steps", type=int, default=400, help="optimisation steps")
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per term per step")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimisation step")
-    p.add_argument("--sampling-steps", type=int, help="unrolled sampling steps (default: the model's)")
-    p.add_argument("--noises-per-prompt", type=int, help="fixed starting noises per prompt (default: the model's "
-                   "recipe default (" + _recipe_defaults_text("noises_per_prompt", 1) + ")")
-    p.add_argument("--sparsity-weight", type=float, default=0.0, help="weight of the explicit sparsity penalty")
-    p.add_argument("--target-sparsity", type=float, help="with --sparsity-weight: penalise only the removed share "
-                   "above this budget (default: penalise every removed unit, L1)")
-    p.add_argument("--no-checkpointing", action="store_true", help="plain full backprop (memory grows with steps)")
-    p.add_argument("--threshold", type=float, default=0.0, help="binarisation threshold on λ")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target", choices=["empty", "substitute", "adaptive"],
-                   help="what the concept maps onto: the empty prompt's output, a substituted prompt's, or a learnt "
-                   "mixture of its nearest concepts (AGE). Default: empty; for a toy colour or style, substitute "
-                   "with the word dropped ('a blue circle' -> 'a circle', drawn grey)")
-    p.add_argument("--adaptive-k", type=int, default=8, help="adaptive: candidate concepts (nearest in text embedding)")
-    p.add_argument("--adaptive-temperature", type=float, default=1.0, help="adaptive: Gumbel-softmax temperature")
-    p.add_argument("--adaptive-soft", action="store_true", help="adaptive: soft top-k mixture instead of hard "
-                   "straight-through one-hot")
-    p.add_argument("--adaptive-top-k", type=int, default=3, help="adaptive soft: weights kept")
-    p.add_argument("--adaptive-lr", type=float, default=1e-2, help="adaptive: learning rate of the target logits")
-    p.add_argument("--adaptive-lambda", type=float, default=1.0, help="adaptive: weight of the target's preservation")
-    p.add_argument("--vocabulary", help="adaptive: candidate concepts, a file (one per line) or a comma-separated "
-                   "list (toy default: the other concepts of its group, e.g. the other objects)")
+    p.add_argument("--config", metavar="YAML", help="settings from a file: the keys a space's `fixed:` takes "
+                   "(flags override them)")
+    p.add_argument("--recipe", help="a named recipe of the model (settings between its defaults and --config)")
+    config.add_flags(p)
     p.add_argument("--tracking-uri", help="also log the run to MLflow (e.g. sqlite:///mlflow.db or http://host:5000)")
     p.add_argument("--json", action="store_true", help="print the metrics JSON instead of a summary")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -183,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "rephrase_erasure_rate, attack_success_rate, adversarial sets, CLIP score and FID where "
                        "available. The toy world brings its own prompts and detector; for FLUX.1 pass --prompts "
                        "and a --detector. With --address the generation and detection run as Ray Data actor pools.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     _add_model_args(p, default="toy")
     _add_run_args(p)
     p.add_argument("--mask", metavar="MASK", help="mask to evaluate: a file, models:/NAME@ALIAS, models:/NAME/VERSION "
@@ -222,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time and peak memory of one optimisation step, checkpointed and plain",
                        description="Run the erasure step on a random model for several sampling-step counts, "
                        "with step-wise checkpointing on and off, each row in a fresh process.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     _add_model_args(p, default="flux-bench")
     p.add_argument("--steps", default="1,2,4,8", help="sampling-step counts, comma-separated")
     p.add_argument("--sites", default="ffn,norm", help="site groups to mask")
@@ -278,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "generate. Several masks erase several concepts at once: an entry stays only if every mask "
                         "keeps it (the removed units of all masks are removed). Every mask is checked: sha256 "
                         "against the one recorded at logging, architecture fingerprint against the model.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     q.add_argument("masks", nargs="+", metavar="MASK_URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID or a file")
     q.add_argument("--prompt", action="append", required=True, help="prompt to generate (repeatable)")
     q.add_argument("--out", required=True, metavar="PNG", help="image file: one image per prompt and seed, in a row")
@@ -290,15 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(q)
     q.add_argument("--json", action="store_true")
     return parser
-
-
-def _recipe_defaults_text(key: str, fallback=None) -> str:
-    """'toy: V; flux.1-schnell: V' for one recipe setting, for --help."""
-    from erase.pipelines import recipe_defaults
-    from erase.train import TrainConfig
-
-    default = getattr(TrainConfig, key, fallback)
-    return "; ".join(f"{m}: {recipe_defaults(m).get(key, default):g}" for m in ("toy", "flux.1-schnell"))
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -339,28 +309,15 @@ def cmd_sites(args) -> int:
 
 def cmd_train(args) -> int:
     from erase.masks import save_mask_file
-    from erase.pipelines import load_generator, recipe_defaults
-    from erase.prompts import parse_substitutions, prompt_sets
-    from erase.train import TrainConfig, TrainingStopped, train
+    from erase.pipelines import load_generator
+    from erase.prompts import prompt_sets
+    from erase.train import TrainingStopped, train
 
     erase_prompts, neutral = prompt_sets(args.model, args.concept, prompts=args.prompts, neutral=args.neutral_prompts,
                                          column=args.prompt_column)
-    defaults = recipe_defaults(args.model, args.concept)
-    target = args.target or defaults.get("target", "empty")
-    substitutions = parse_substitutions(args.substitute) or (defaults.get("substitutions", {}) if target == "substitute" else {})
-    cfg = TrainConfig(
-        concept=args.concept, sites=_groups(args.sites), parametrisation=args.parametrisation,
-        init_logit=args.init_logit, target=target, substitutions=substitutions,
-        beta=args.beta if args.beta is not None else defaults.get("beta", TrainConfig.beta), lr_ffn=args.lr_ffn, lr_norm=args.lr_norm, lr_attn=args.lr_attn, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        sampling_steps=args.sampling_steps, noises_per_prompt=(args.noises_per_prompt if args.noises_per_prompt is not None
-                           else defaults.get("noises_per_prompt", 1)),
-        sparsity_weight=args.sparsity_weight, target_sparsity=args.target_sparsity,
-        checkpointing=not args.no_checkpointing, threshold=args.threshold, seed=args.seed,
-        adaptive_k=args.adaptive_k, adaptive_temperature=args.adaptive_temperature, adaptive_hard=not args.adaptive_soft,
-        adaptive_top_k=args.adaptive_top_k, adaptive_lr=args.adaptive_lr, adaptive_lambda=args.adaptive_lambda,
-        vocabulary=args.vocabulary)
-    cfg.validate()  # before loading a model: bad settings fail in a second, not after minutes
+    fixed = config.read_config_file(args.config) if args.config else {}
+    cfg = config.resolve(args.model, args.concept, fixed=fixed, fixed_from=f"config file {args.config}",
+                         flags={**config.flag_values(args), "recipe": args.recipe})
     if args.out is None:
         args.out = f"{args.model}-{'-'.join(args.concept.split())}.safetensors".replace("/", "_")
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -588,9 +545,8 @@ def _print_eval(report: dict) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from erase.sweep import plan, run_sweep
-
     from erase.pipelines import model as model_entry
+    from erase.sweep import plan, run_sweep
 
     entry = model_entry(args.model)
     concepts = [c.strip() for c in (args.concepts or "").split(",") if c.strip()]

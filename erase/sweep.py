@@ -38,13 +38,12 @@ import tempfile
 import time
 import zlib
 
+from erase import config as run_config
+from erase.config import TrainConfig
 from erase.errors import EraseError
-from erase.train import TrainConfig
 
 GPUS_PER_WORKER = 1  # one Train worker per GPU; raycluster.yaml's GPU pods match (tests/test_raycluster.py)
 SCORE_FORMULA = "max(0, 1 - erasure_rate / base_rate) * preservation"
-# Settings a space may fix or search: every field of the recipe except the concept itself.
-TRIAL_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("concept", "log_every"))
 
 
 class SweepError(EraseError):
@@ -135,7 +134,6 @@ def worker_loop(config: dict) -> None:
     started = time.time()  # the trial's own compute: model load, training, evaluation (not Ray's scheduling)
     spec = SweepSpec(**config["spec"])
     cfg = TrainConfig(**config["train"])
-    cfg.log_every = spec.report_every
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
@@ -254,11 +252,9 @@ def trial(config: dict, *, spec: dict, fixed: dict, datasets: dict, prompt_hashe
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from erase.pipelines import recipe_defaults
-
     sweep = SweepSpec(**spec)
-    settings = {**recipe_defaults(sweep.model, sweep.concept), **fixed, **config}  # the space overrides the recipe
-    train_cfg = _train_config(sweep.concept, settings)
+    train_cfg = run_config.resolve(sweep.model, sweep.concept, fixed=fixed, fixed_from=f"space {sweep.space}",
+                                   sampled=config, flags={"log_every": sweep.report_every})
     ctx = tune.get_context()
     trainer = TorchTrainer(
         worker_loop,
@@ -279,18 +275,6 @@ def trial(config: dict, *, spec: dict, fixed: dict, datasets: dict, prompt_hashe
             callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
-
-
-def _train_config(concept: str, settings: dict) -> TrainConfig:
-    values = dict(settings)
-    if isinstance(values.get("sites"), str):
-        values["sites"] = tuple(g.strip() for g in values["sites"].split(",") if g.strip())
-    for key in ("steps", "batch_size", "grad_accum", "noises_per_prompt", "sampling_steps", "adaptive_k", "adaptive_top_k"):
-        if values.get(key) is not None:
-            values[key] = int(values[key])
-    cfg = TrainConfig(concept=concept, **values)
-    cfg.validate()
-    return cfg
 
 
 # ---------------------------------------------------------------- one study (runs in its own process)
@@ -349,14 +333,13 @@ def _prompt_sets(spec: SweepSpec, fixed: dict):
 
     from erase.data import read_prompt_dataset, with_seeds
     from erase.evaluate import evaluation_rows
-    from erase.pipelines import recipe_defaults
     from erase.prompts import prompt_sets, read_prompts
     from erase.tracking import prompts_hash
     from erase.train import first_seeds
 
-    settings = {**recipe_defaults(spec.model, spec.concept), **fixed}  # the trials' own: see trial()
-    erase_first, neutral_first = first_seeds(TrainConfig(concept=spec.concept, seed=int(settings.get("seed", 0))))
-    noises = int(settings.get("noises_per_prompt", 1))
+    settings = run_config.resolve(spec.model, spec.concept, fixed=fixed, fixed_from=f"space {spec.space}")
+    erase_first, neutral_first = first_seeds(settings)  # the seed and noises cannot be searched: plan()
+    noises = settings.noises_per_prompt
     erase_list, neutral_list = prompt_sets(spec.model, spec.concept)
     if spec.prompts:
         erase_ds = read_prompt_dataset(spec.prompts, spec.prompt_column)
@@ -403,7 +386,7 @@ def run_study(spec: SweepSpec) -> dict:
 
     from erase.spaces import load_space
 
-    space = load_space(spec.space, TRIAL_KEYS)
+    space = load_space(spec.space, run_config.FILE_KEYS)
     datasets, hashes = _prompt_sets(spec, space.fixed)
     trainable = tune.with_resources(
         tune.with_parameters(trial, spec=dataclasses.asdict(spec), fixed=space.fixed, datasets=datasets,
@@ -491,16 +474,20 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
         raise SweepError(f"--trials must be at least 1, got {trials}")
     if not concepts:
         raise SweepError("no concepts: pass --concepts A,B (the toy world's default is striped)")
-    loaded = load_space(space, TRIAL_KEYS)
-    for key in ("seed", "noises_per_prompt"):
+    loaded = load_space(space, run_config.FILE_KEYS)
+    for key in run_config.NOT_SEARCHABLE:
         if key in loaded.search:
             raise SweepError(f"{loaded.path}: {key!r} sets the prompt streams' noise seeds and cannot be searched; "
                              "move it to `fixed`")
+    if "recipe" in loaded.search:
+        raise SweepError(f"{loaded.path}: 'recipe' names the settings every trial starts from and cannot be "
+                         "searched; move it to `fixed` (or search the settings themselves)")
     from erase.pipelines import model as model_entry
     from erase.prompts import read_prompts
 
     for concept in concepts:
         model_entry(model).prompt_sets(concept)  # a clear error for a concept the model does not have
+        run_config.resolve(model, concept, fixed=loaded.fixed, fixed_from=f"{loaded.path}: fixed")  # bad values now
 
     for key, what in (("prompts", "concept prompt"), ("neutral_prompts", "neutral prompt"), ("eval_prompts", "evaluation prompt")):
         if options.get(key):  # a missing, unreadable or empty file fails here, before Ray starts

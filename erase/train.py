@@ -16,24 +16,17 @@ from __future__ import annotations
 import random
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Union
 
 import torch
 from tqdm import tqdm
 
 from erase.adaptive import AdaptiveConfig, AdaptiveTarget
-from erase.errors import EraseError
+from erase.config import MAX_NOISES_PER_PROMPT, TrainConfig
 from erase.masks import MaskHooks, Masks, select_sites, sparsity
 from erase.prompts import PromptError, substitute
 from erase.sampler import sample
-
-TARGETS = ("empty", "substitute", "adaptive")
-OPTIMIZERS = ("adam", "adamw")
-
-
-class TrainError(EraseError):
-    """The run's settings or inputs cannot work; the message says what to change."""
 
 
 class TrainingStopped(RuntimeError):
@@ -42,74 +35,6 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, result: "TrainResult"):
         super().__init__(message)
         self.result = result
-
-
-@dataclass
-class TrainConfig:
-    concept: str
-    sites: tuple[str, ...] = ("ffn", "norm")
-    parametrisation: str = "hard_concrete"
-    init_logit: float = 3.0
-    target: str = "empty"  # "empty", "substitute" or "adaptive" (AGE, erase/adaptive.py)
-    substitutions: dict[str, str] = field(default_factory=dict)
-    # adaptive target: k nearest candidates from a vocabulary (file, comma list; toy default: the other
-    # concepts of the erased one's group), Gumbel-softmax temperature, hard (straight-through) or soft top-k, lr of the logits
-    # (gradient ascent), and the weight λ of the target's preservation term
-    adaptive_k: int = 8
-    adaptive_temperature: float = 1.0
-    adaptive_hard: bool = True
-    adaptive_top_k: int = 3
-    adaptive_lr: float = 1e-2
-    adaptive_lambda: float = 1.0
-    vocabulary: str | None = None
-    beta: float = 0.01
-    lr_ffn: float = 0.5
-    lr_norm: float = 0.5
-    lr_attn: float = 0.0
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-2
-    steps: int = 400
-    batch_size: int = 4
-    grad_accum: int = 1
-    sampling_steps: int | None = None  # None: the generator's default
-    noises_per_prompt: int = 1
-    # Explicit sparsity control on the smooth removed share 1 - mean(sigmoid(λ)):
-    # weight * removed (L1), or weight * max(0, removed - target_sparsity) (a budget).
-    sparsity_weight: float = 0.0
-    target_sparsity: float | None = None
-    checkpointing: bool = True
-    threshold: float = 0.0
-    seed: int = 0
-    log_every: int = 10
-
-    def validate(self) -> None:
-        checks = [
-            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"gradient accumulation must be at least 1, got {self.grad_accum}"),
-            (1 <= self.noises_per_prompt <= MAX_NOISES_PER_PROMPT,
-             f"noises per prompt must be in 1..{MAX_NOISES_PER_PROMPT}, got {self.noises_per_prompt}"),
-            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
-            (min(self.lr_ffn, self.lr_norm, self.lr_attn) >= 0, "learning rates must be >= 0"),
-            (self.sparsity_weight >= 0, f"sparsity weight must be >= 0, got {self.sparsity_weight}"),
-            (self.target_sparsity is None or 0 <= self.target_sparsity < 1,
-             f"target sparsity must be in [0, 1), got {self.target_sparsity}"),
-            (self.target in TARGETS, f"unknown target {self.target!r}; use one of {', '.join(TARGETS)}"),
-            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"),
-            (self.target != "substitute" or bool(self.substitutions),
-             "target 'substitute' needs a map: pass --substitute OLD=NEW (e.g. 'nude man=a man')"),
-            (self.adaptive_k >= 1 and self.adaptive_top_k >= 1, "adaptive k and top-k must be at least 1"),
-            (self.adaptive_temperature > 0, f"adaptive temperature must be > 0, got {self.adaptive_temperature}"),
-            (self.adaptive_lr >= 0 and self.adaptive_lambda >= 0, "adaptive lr and lambda must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainError(message)
-        if all(self.lr(g) == 0 for g in self.sites):
-            raise TrainError(f"every selected site group ({', '.join(self.sites)}) has learning rate 0: nothing would train")
-
-    def lr(self, group: str) -> float:
-        return {"ffn": self.lr_ffn, "norm": self.lr_norm, "attn": self.lr_attn}[group]
 
 
 @dataclass
@@ -136,8 +61,6 @@ class TrainResult:
             **({"learnt_target": self.learnt_target} if self.learnt_target is not None else {}),
         }
 
-
-MAX_NOISES_PER_PROMPT = 64
 
 
 def example_seed(prompt: str, k: int, first_seed: int) -> int:

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from erase.adaptive import AdaptiveConfig, AdaptiveTarget, gumbel_mixture, nearest_concepts, read_vocabulary
+from erase.config import TrainConfig
 from erase.prompts import PromptError
-from erase.train import TrainConfig, train
+from erase.train import train
 
 
 def test_hard_mixture_is_one_hot_forward_with_gradients_to_every_logit():

@@ -13,6 +13,7 @@ from erase.evaluate import (
     EvalSettings,
     GenerateStage,
     evaluate,
+    evaluation_rows,
     figures,
     frechet_distance,
     html_report,
@@ -21,7 +22,6 @@ from erase.evaluate import (
     preservation_figure,
     rate,
     run_stages_locally,
-    evaluation_rows,
     whitebox_attack,
 )
 from erase.pipelines import toy

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from erase.masks import MaskError
+from erase.config import ConfigError, TrainConfig
 from erase.prompts import PromptError, parse_substitutions, substitute
-from erase.train import TrainConfig, TrainError, TrainingStopped, train
+from erase.train import TrainingStopped, train
 
 CAT = ["a photo of a cat", "a cat on a sofa"]
 NEUTRAL = ["a bowl of fruit", "a red car"]
@@ -71,12 +71,12 @@ def test_targets_are_computed_once_per_prompt_and_noise(tiny, monkeypatch):
 
 
 @pytest.mark.parametrize("change, error, match", [
-    (dict(steps=0), TrainError, "steps must be at least 1"),
-    (dict(target="substitute"), TrainError, "--substitute OLD=NEW"),
-    (dict(lr_ffn=0.0, lr_norm=0.0), TrainError, "learning rate 0"),
-    (dict(target_sparsity=1.5), TrainError, "target sparsity"),
-    (dict(optimizer="sgd"), TrainError, "unknown optimizer"),
-    (dict(sites=("ffn", "mlp")), MaskError, "does not exist"),
+    (dict(steps=0), ConfigError, "steps must be at least 1"),
+    (dict(target="substitute"), ConfigError, "--substitute OLD=NEW"),
+    (dict(lr_ffn=0.0, lr_norm=0.0), ConfigError, "learning rate 0"),
+    (dict(target_sparsity=1.5), ConfigError, "target sparsity"),
+    (dict(optimizer="sgd"), ConfigError, "unknown optimizer"),
+    (dict(sites=("ffn", "mlp")), ConfigError, "site group 'mlp' does not exist"),
 ])
 def test_bad_settings_are_clear_errors(tiny, change, error, match):
     cfg = TrainConfig(concept="cat", **{"steps": 2, **change})

@@ -1,13 +1,9 @@
 """Search space files: the shipped ones load, and every kind of mistake names the file and key."""
 
-import dataclasses
-
 import pytest
 
+from erase.config import FILE_KEYS as SETTINGS
 from erase.spaces import SpaceError, available, load_space
-from erase.train import TrainConfig
-
-SETTINGS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 
 @pytest.mark.parametrize("name", ["default", "flux_nudity", "toy_fast", "toy_adaptive"])
@@ -49,11 +45,11 @@ def test_unknown_space_name_lists_the_shipped_ones():
 def test_the_adaptive_space_searches_ages_settings_into_a_valid_config():
     import optuna
 
-    from erase.sweep import _train_config
+    from erase.config import resolve
 
     space = load_space("toy_adaptive", SETTINGS)
     dists = space.optuna_distributions()
     assert {"adaptive_k", "adaptive_temperature", "adaptive_hard", "adaptive_lr", "adaptive_lambda"} <= set(dists)
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask(dists)
-    cfg = _train_config("circle", {**space.fixed, **trial.params})
+    cfg = resolve("toy", "circle", fixed=space.fixed, sampled=trial.params)
     assert cfg.target == "adaptive" and isinstance(cfg.adaptive_k, int) and isinstance(cfg.adaptive_hard, bool)
