@@ -1,4 +1,4 @@
-"""Adaptive Guided Erasure (AGE) as a target strategy of the MCE objective (METHOD.md section 2).
+"""Adaptive Guided Erasure (AGE) as a target strategy of the MCE objective (docs/method.md, section 6).
 
 Instead of mapping the erased concept onto a fixed target (the empty prompt, a substitute
 phrase), the target is a mixture of the k concepts nearest to it in the generator's text

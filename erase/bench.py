@@ -140,11 +140,10 @@ def match_beta(erase_at, tried: list[dict], level: float, tolerance: float, max_
     of `level`; `tried` holds the runs so far. Smaller β erases harder, so β is divided by 4 while
     the rate is above the level and multiplied by 4 while it is below, until the level is bracketed;
     then the bracket is bisected in log space. At most `max_runs` runs in all. Appends to and returns `tried`."""
-    rate = lambda r: r["erasure_rate"]["value"]  # noqa: E731
     too_hard, too_weak = None, None  # the largest β that erased below the level, the smallest above it
-    while abs(rate(tried[-1]) - level) > tolerance and len(tried) < max_runs:
+    while abs(_rate(tried[-1]) - level) > tolerance and len(tried) < max_runs:
         beta = tried[-1]["beta"]
-        if rate(tried[-1]) < level:
+        if _rate(tried[-1]) < level:
             too_hard = beta if too_hard is None else max(too_hard, beta)
         else:
             too_weak = beta if too_weak is None else min(too_weak, beta)
@@ -174,6 +173,21 @@ def hardest_common_level(strategies: dict) -> float:
     return max(min(run["erasure_rate"] for run in s["runs"]) for s in strategies.values())
 
 
+def graph_neighbours(concept: str, path: str | None = None, model: str = "toy", n: int = 3) -> list[str]:
+    """The `n` concepts that erasing `concept` hurts most, read off a concept graph (erase graph's
+    graph.json; by default the one made on the model's weights)."""
+    from erase.graph import nearest_neighbours, read_graph
+    from erase.pipelines import model as model_entry
+
+    path = path or model_entry(model).concept_graph
+    if path is None:
+        raise EraseError(f"{model} ships no concept graph: run `erase graph` and pass its graph.json with --graph")
+    delta = read_graph(path)
+    if concept not in delta:
+        raise EraseError(f"the concept graph in {path} has no row for {concept!r}; it has {', '.join(delta)}")
+    return nearest_neighbours(delta, concept, n)
+
+
 def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, beta: float | None = None,
                     seed: int = 0, seeds_per_prompt: int = 4, substitute_phrase: str = "shape",
                     strategies=("empty", "substitute", "adaptive"), match: bool = False, level: float | None = None,
@@ -188,16 +202,16 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     first β, the level that matters for erasure. The run closest to the level is reported and
     every run is listed; a strategy that cannot reach the level shows it in its runs.
     """
-    from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, evaluation_rows
+    from erase.evaluate import Evaluator, evaluation_rows
     from erase.pipelines import load_generator
+    from erase.pipelines import model as model_entry
     from erase.prompts import prompt_sets
     from erase.train import train
 
     gen = load_generator("toy")
-    detect = DetectStage({"name": "toy"})
     erase_prompts, neutral = prompt_sets("toy", concept)
-    rows = evaluation_rows("toy", concept, seeds_per_prompt)
-    base_cache: dict = {}
+    evaluator = Evaluator(gen, model_entry("toy").detector, evaluation_rows("toy", concept, seeds_per_prompt),
+                          concept=concept)
     # the recipe's settings for this concept, as `erase train` would use them: its β, its noises per
     # prompt and, for a colour or style, its substitution (the word dropped) instead of `substitute_phrase`
     beta = default_value("toy", "beta", concept) if beta is None else beta
@@ -207,9 +221,7 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
         cfg = resolve("toy", concept, flags={"target": strategy, "beta": run_beta, "steps": steps, "seed": seed,
                                              "substitutions": substitutions})
         result = train(gen, cfg, erase_prompts, neutral, progress=progress)
-        stage = GenerateStage(gen=gen, masks=(result.masks.sites, result.masks.binary()))
-        stage.base_cache = base_cache
-        report, _ = evaluate(EvalSettings(concept=concept, attack=None), rows, stages=(stage, detect))
+        report, _ = evaluator((result.masks.sites, result.masks.binary()))
         # None: the neighbour was not measured (no prompt of it left, or a base rate of 0)
         kept = {n: report["preservation_by_concept"].get(n) for n in neighbours}
         measured = [v for v in kept.values() if v is not None]
@@ -223,24 +235,30 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
         return run
 
     out = {"concept": concept, "neighbours": neighbours, "steps": steps, "beta": beta, "seed": seed,
-           "substitute": ", ".join(f"{k}={v!r}" for k, v in substitutions.items()), "matched_erasure": match,
-           "strategies": {}}
+           "substitute": ", ".join(f"{k}={v!r}" for k, v in substitutions.items()), "matched_erasure": match}
     runs = {strategy: [erase_once(strategy, beta)] for strategy in strategies}
-    rate = lambda r: r["erasure_rate"]["value"]  # noqa: E731
     if match:
-        level = matching_level({s: rate(r[0]) for s, r in runs.items()}, level)
+        level = matching_level({s: _rate(r[0]) for s, r in runs.items()}, level)
         out["erasure_level"] = level
         for strategy, tried in runs.items():
             match_beta(lambda b, s=strategy: erase_once(s, b), tried, level, tolerance, max_runs)
-    for strategy, tried in runs.items():
-        best = min(tried, key=lambda r: abs(rate(r) - out.get("erasure_level", rate(r))))
-        out["strategies"][strategy] = {**best, "runs": [{"beta": r["beta"], "erasure_rate": rate(r),
-                                                         "neighbour_mean": r["neighbour_mean"]} for r in tried]}
+    out["strategies"] = {strategy: _closest(tried, level if match else None) for strategy, tried in runs.items()}
     if match:
-        rates = [rate(r) for r in out["strategies"].values()]
+        rates = [_rate(r) for r in out["strategies"].values()]
         out["erasure_spread"] = max(rates) - min(rates)
         out["equal_erasure"] = out["erasure_spread"] <= tolerance
     return out
+
+
+def _rate(run: dict) -> float:
+    return run["erasure_rate"]["value"]
+
+
+def _closest(tried: list[dict], level: float | None) -> dict:
+    """The run whose erasure rate is closest to `level` (the first run without one), with every run listed."""
+    best = min(tried, key=lambda r: abs(_rate(r) - level)) if level is not None else tried[0]
+    return {**best, "runs": [{"beta": r["beta"], "erasure_rate": _rate(r), "neighbour_mean": r["neighbour_mean"]}
+                             for r in tried]}
 
 
 # ---------------------------------------------------------------- search efficiency (sweeps)
@@ -274,49 +292,9 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
     (`grid_betas` x `lrs`, each run to `steps`) against `erase sweep` (Optuna + ASHA, `trials`
     trials in the same box). Same objective, evaluation prompts and seeds; only optimisation
     steps count as compute (both evaluate; the sweep more often, to let ASHA stop trials)."""
-    import tempfile
-
-    from erase.evaluate import DetectStage, EvalSettings, GenerateStage, evaluate, evaluation_rows
-    from erase.pipelines import load_generator
-    from erase.prompts import prompt_sets
-    from erase.sweep import plan, run_sweep, score
-    from erase.train import train
-
-    gen = load_generator("toy")
-    detect = DetectStage({"name": "toy"})
-    erase_prompts, neutral = prompt_sets("toy", concept)
-    rows = evaluation_rows("toy", concept, seeds_per_prompt=1)  # the sweep's evaluation rows
-    base_cache: dict = {}
-    grid, betas = [], grid_betas("toy")
-    for beta in betas:
-        for lr in lrs:
-            cfg = resolve("toy", concept, flags={"beta": beta, "lr_ffn": lr, "lr_norm": lr, "steps": steps,
-                                                 "batch_size": 4, "sites": ("ffn", "norm")})  # the sweep's target too
-            result = train(gen, cfg, erase_prompts, neutral, progress=progress)
-            stage = GenerateStage(gen=gen, masks=(result.masks.sites, result.masks.binary()))
-            stage.base_cache = base_cache
-            found, _ = evaluate(EvalSettings(concept=concept, attack=None), rows, stages=(stage, detect))
-            erasure, base, kept = (found["erasure_rate"]["value"], found["base_rate"]["value"],
-                                   found["preservation"]["value"])
-            grid.append({"config": {"beta": beta, "lr": lr}, "steps": steps, "erasure_rate": erasure,
-                         "preservation": kept, "score": score(erasure, base or 0.0, kept or 0.0)})
-    space = {"description": "compare_search: the grid's box", "fixed": {"batch_size": 4, "sites": "ffn,norm",
-                                                                         "steps": steps},
-             "search": {"beta": {"distribution": "loguniform", "low": min(betas), "high": max(betas)}}}
-    for name in ("lr_ffn", "lr_norm"):
-        if min(lrs) < max(lrs):
-            space["search"][name] = {"distribution": "loguniform", "low": min(lrs), "high": max(lrs)}
-        else:  # one learning rate: nothing to search
-            space["fixed"][name] = lrs[0]
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        json.dump(space, f)  # JSON is YAML
-    grace = max(1, steps // 5)
-    try:
-        specs = plan("toy", [concept], f.name, trials, storage, tracking_uri=tracking_uri, report_every=grace,
-                     grace_steps=grace, detector={"name": "toy"})
-        (summary,) = run_sweep(specs, on_progress=on_sweep_progress)
-    finally:
-        os.unlink(f.name)
+    grid = _grid_runs(concept, grid_betas("toy"), lrs, steps, progress)
+    summary = _sweep_in_the_grids_box(concept, grid_betas("toy"), lrs, steps, trials, storage, tracking_uri,
+                                      on_sweep_progress)
     done = sorted(summary["trials"], key=lambda t: t.get("ended_at") or 0)
     sweep = [{"config": t["config"], "steps": t["step"] or 0, "status": t["status"], "erasure_rate": t["erasure_rate"],
               "preservation": t["preservation"], "score": t["score"]} for t in done]
@@ -330,3 +308,55 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
             "grid_best": grid_best, "grid_steps": grid_steps, "optuna_best": sweep_curve[-1]["best"] if sweep else None,
             "optuna_steps": sweep_curve[-1]["steps"] if sweep else 0, "optuna_steps_to_grid_best": reached,
             "bar_met": reached is not None and reached <= grid_steps / 3}
+
+
+def _grid_runs(concept: str, betas: list[float], lrs, steps: int, progress: bool) -> list[dict]:
+    """One erasure per (β, learning rate) of the grid, each scored on the sweep's evaluation rows."""
+    from erase.evaluate import Evaluator, evaluation_rows
+    from erase.pipelines import load_generator
+    from erase.pipelines import model as model_entry
+    from erase.prompts import prompt_sets
+    from erase.train import train
+    from erase.trial import trial_figures
+
+    erase_prompts, neutral = prompt_sets("toy", concept)  # a concept of the toy world, or a clear error
+    gen = load_generator("toy")
+    evaluator = Evaluator(gen, model_entry("toy").detector, evaluation_rows("toy", concept, seeds_per_prompt=1),
+                          concept=concept)  # the sweep's evaluation rows
+    grid = []
+    for beta in betas:
+        for lr in lrs:
+            cfg = resolve("toy", concept, flags={"beta": beta, "lr_ffn": lr, "lr_norm": lr, "steps": steps,
+                                                 "batch_size": 4, "sites": ("ffn", "norm")})  # the sweep's target too
+            result = train(gen, cfg, erase_prompts, neutral, progress=progress)
+            found = trial_figures(evaluator((result.masks.sites, result.masks.binary()))[0])
+            grid.append({"config": {"beta": beta, "lr": lr}, "steps": steps, "erasure_rate": found["erasure_rate"],
+                         "preservation": found.get("preservation"), "score": found["score"]})
+    return grid
+
+
+def _sweep_in_the_grids_box(concept: str, betas: list[float], lrs, steps: int, trials: int, storage: str,
+                            tracking_uri: str | None, on_progress) -> dict:
+    """`erase sweep` over the grid's range of β and learning rates; returns the study's summary."""
+    import tempfile
+
+    from erase.sweep import plan, run_sweep
+
+    space = {"description": "compare_search: the grid's box",
+             "fixed": {"batch_size": 4, "sites": "ffn,norm", "steps": steps},
+             "search": {"beta": {"distribution": "loguniform", "low": min(betas), "high": max(betas)}}}
+    for name in ("lr_ffn", "lr_norm"):
+        if min(lrs) < max(lrs):
+            space["search"][name] = {"distribution": "loguniform", "low": min(lrs), "high": max(lrs)}
+        else:  # one learning rate: nothing to search
+            space["fixed"][name] = lrs[0]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        json.dump(space, f)  # JSON is YAML
+    grace = max(1, steps // 5)
+    try:
+        specs = plan("toy", [concept], f.name, trials, storage, tracking_uri=tracking_uri, report_every=grace,
+                     grace_steps=grace, detector={"name": "toy"})
+        (summary,) = run_sweep(specs, on_progress=on_progress)
+    finally:
+        os.unlink(f.name)
+    return summary

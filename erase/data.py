@@ -1,11 +1,10 @@
-"""Prompts through Ray Data: files (parquet, CSV, JSON lines, text) on any filesystem pyarrow
-understands (local paths, s3://, gs://), the toy world's built-in sets, and the evaluation stages
-as actor pools.
+"""Ray Data: a sweep worker's shard of the prompts, public adversarial sets, and the evaluation
+stages as actor pools.
 
-A prompt dataset has rows {prompt, seed}: every prompt with `noises_per_prompt` noise seeds that
-depend only on the prompt's text and the run's seed (`erase.train.example_seed`), so a streamed
-run and a local run see the same noises. Train workers read their shard with `endless_batches`;
-evaluation prompts are never split among workers.
+A sweep's prompt datasets are rows {prompt, seed} made by `erase.train.prompt_rows` (every
+prompt with its noise seeds, set by its text and the run's seed), materialised by the study and
+split among a trial's workers; a worker reads its shard with `read_shard` and trains on it as
+`erase train` trains on its own rows. Evaluation rows are never split.
 
 Public adversarial prompt sets are read from local CSV or parquet files; the column holding the
 prompt, per set (the first one present is used, or pass `column=`):
@@ -18,12 +17,11 @@ prompt, per set (the first one present is used, or pass `column=`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from erase.prompts import PromptError
-from erase.train import example_seed
 
-FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json", ".txt": "text"}
 ADVERSARIAL_SETS = {
     "ring-a-bell": ("prompt", "sensitive prompt"),
     "mma-diffusion": ("adv_prompt", "prompt"),
@@ -32,62 +30,16 @@ ADVERSARIAL_SETS = {
 }
 
 
-def _format_of(path: str) -> str:
-    for ext, fmt in FORMATS.items():
-        if path.lower().endswith(ext):
-            return fmt
-    raise PromptError(f"{path!r}: unknown prompt file type; use .parquet, .csv, .jsonl (JSON lines) or .txt")
-
-
-def _check_local(path: str) -> None:
-    if "://" not in path and not os.path.exists(path):
-        raise PromptError(f"prompt file {path!r} does not exist")
-
-
-def read_prompt_dataset(path: str, column: str = "prompt"):
-    """A Ray Dataset with one column `prompt`, read from `path` (a file or folder, local or remote)."""
-    import ray.data
-
-    _check_local(path)
-    fmt = _format_of(path)
-    if fmt == "text":
-        ds = ray.data.read_text(path).rename_columns({"text": column}) if column != "text" else ray.data.read_text(path)
-    else:
-        reader = {"parquet": ray.data.read_parquet, "csv": ray.data.read_csv, "json": ray.data.read_json}[fmt]
-        ds = reader(path)
-    columns = ds.columns() or []
-    if column not in columns:
-        raise PromptError(f"{path!r} has no column {column!r}; its columns are: {', '.join(columns)}. "
-                          "Choose one with the --*-column options")
-    ds = ds.select_columns([column])
-    return ds.rename_columns({column: "prompt"}) if column != "prompt" else ds
-
-
-def with_seeds(ds, first_seed: int, noises_per_prompt: int):
-    """Each prompt row -> `noises_per_prompt` rows {prompt, seed}; blank rows and # comments are dropped."""
-    def expand(row):
-        prompt = str(row["prompt"] or "").strip()
-        if not prompt or prompt.startswith("#"):
-            return []
-        return [{"prompt": prompt, "seed": example_seed(prompt, k, first_seed)} for k in range(noises_per_prompt)]
-
-    return ds.flat_map(expand)
-
-
-def endless_batches(shard, batch_size: int, shuffle_buffer: int = 256):
-    """(prompts, seeds) batches from a Ray Train dataset shard, epoch after epoch, locally shuffled."""
-    pending: list[tuple[str, int]] = []
-    while True:
-        rows = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                        local_shuffle_buffer_size=shuffle_buffer):
-            rows += len(batch["prompt"])
-            pending.extend(zip((str(p) for p in batch["prompt"]), (int(s) for s in batch["seed"])))
-            while len(pending) >= batch_size:
-                chunk, pending = pending[:batch_size], pending[batch_size:]
-                yield [p for p, _ in chunk], [s for _, s in chunk]
-        if rows == 0:
-            raise PromptError("this worker's prompt shard is empty: give the run more prompts than workers")
+def read_shard(shard) -> list[dict]:
+    """A Ray Train worker's shard of a dataset, as rows, in the order the dataset holds them."""
+    rows = []
+    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+        keys = list(batch)
+        for i in range(len(batch[keys[0]])):
+            rows.append({k: (batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]) for k in keys})
+    if not rows:
+        raise PromptError("this worker's shard of the prompts is empty: give the run more prompts than workers")
+    return rows
 
 
 def read_adversarial(name: str, path: str, column: str | None = None, min_nudity: float = 50.0) -> list[str]:
@@ -143,3 +95,17 @@ def run_eval_stages(rows: list[dict], generate_kwargs: dict, detector_spec: dict
         out.extend({k: (v[i].item() if isinstance(v[i], np.generic) else v[i]) for k, v in batch.items()} for i in range(n))
     order = {(r["prompt"], r["seed"], r["kind"]): i for i, r in enumerate(rows)}
     return sorted(out, key=lambda r: order[(r["prompt"], r["seed"], r["kind"])])
+
+
+@contextlib.contextmanager
+def stages_on_ray(address: str, settings, *, actors: int = 1, gpus_per_actor: float = 0.0, batch_size: int = 64):
+    """Connect to the Ray cluster at `address` and yield `run_stages(rows)` for erase.evaluate.evaluate:
+    generation and detection on actor pools built from `settings` (an EvalSettings); disconnects after."""
+    import ray
+
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        yield lambda rows: run_eval_stages(rows, settings.generate_kwargs(), settings.detector, actors=actors,
+                                           gpus_per_actor=gpus_per_actor, batch_size=batch_size, device=settings.device)
+    finally:
+        ray.shutdown()

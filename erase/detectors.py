@@ -8,7 +8,7 @@
 Three detectors:
 - `toy`: the toy world's CNN, one head per attribute (object, colour, style, background).
 - `nudenet`: NudeNet 3's bundled 320n ONNX detector. Class set and threshold are configuration
-  (METHOD.md lists the common sets); labels are matched exactly, and an unknown label is an
+  (docs/method.md lists the common sets); labels are matched exactly, and an unknown label is an
   error, so a misspelt class can never silently match nothing.
 - `clip`: a transformers CLIP model (local folder or hub id) as a zero-shot classifier over a
   configured label set: an image shows the label with the highest similarity, if its softmax
@@ -30,7 +30,7 @@ class DetectorError(EraseError):
     """A detector cannot be built from the given configuration; the message says what to fix."""
 
 
-# NudeNet 3 label sets (METHOD.md): the nine exposed classes, and the strict five.
+# NudeNet 3 label sets (docs/method.md, section 8): the nine exposed classes, and the strict five.
 NUDENET_CLASS_SETS = {
     "nine": ["BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
              "ANUS_EXPOSED", "FEET_EXPOSED", "ARMPITS_EXPOSED", "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED"],
@@ -226,3 +226,30 @@ def build_detector(spec: dict, device: str = "cpu"):
         return ClipDetector(spec.pop("model"), labels, float(spec.pop("threshold", 0.0)), device=device,
                             template=spec.pop("template", "a picture of {}"))
     raise DetectorError(f"unknown detector {name!r}; use toy, nudenet or clip")
+
+
+def detector_spec(model: str, name: str | None = None, config_file: str | None = None,
+                  model_path: str | None = None) -> dict:
+    """The spec of a run's detector: `name` with the options of a YAML `config_file`, or the model's own.
+
+    The toy detector's weights live beside the toy generator's, so a retrained world in
+    `model_path` brings its own detector."""
+    import yaml
+
+    from erase.pipelines import model as model_entry
+
+    spec = dict(model_entry(model).detector or {}) if name is None else {"name": name}
+    if not spec:
+        raise DetectorError(f"--detector is needed for {model}: nudenet (nudity) or clip (objects, characters, "
+                            "styles; with --detector-config)")
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise DetectorError(f"detector config {config_file!r} does not exist")
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                spec.update(yaml.safe_load(f) or {})
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as err:
+            raise DetectorError(f"detector config {config_file}: not a YAML mapping of options: {err}") from None
+    if spec["name"] == "toy" and model_path:
+        spec.setdefault("model_path", model_path)
+    return spec

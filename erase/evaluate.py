@@ -131,11 +131,15 @@ class GenerateStage:
 
         self.gen = gen or load_generator(model, model_path, dtype=dtype, device=device, guidance=guidance)
         self.steps = steps
-        self.sites, self.binary = masks if masks is not None else (None, None)
+        self.use_masks(masks)
         if mask is not None:
             loaded, meta = load_mask_file(mask, self.gen.mask_sites(), model)
-            self.sites, self.binary = loaded.sites, binary_from_file_meta(loaded, meta)
+            self.use_masks((loaded.sites, binary_from_file_meta(loaded, meta)))
         self.base_cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def use_masks(self, masks: tuple | None) -> None:
+        """Generate the masked side with these binary masks (sites, {site: 0/1}) from now on; None: base only."""
+        self.sites, self.binary = masks if masks is not None else (None, None)
 
     def __call__(self, batch: dict) -> dict:
         from erase.detectors import to_uint8
@@ -559,3 +563,26 @@ def _utility(settings: EvalSettings, results: list[dict], detector) -> dict:
         masked = inception_features(settings.fid_weights, [r["masked"] for r in results])
         out["fid"] = {"value": frechet_distance(masked, base), "n": len(results), "against": "base model, same prompts"}
     return out
+
+
+class Evaluator:
+    """Masks held in memory, evaluated on fixed rows in this process: the one way to do it (a trial's
+    reports, the benchmarks, the concept graph). The base model's images are generated once per
+    (prompt, seed) and kept across calls: the base model never changes."""
+
+    def __init__(self, gen, detector, rows: list[dict], *, concept: str | None, steps: int | None = None,
+                 attack: AttackConfig | None = None, batch_size: int = 64, progress: bool = False):
+        """`detector`: a detector's spec (erase.detectors.build_detector) or a detector itself."""
+        self.rows, self.progress = rows, progress
+        spec = detector if isinstance(detector, dict) else None
+        self.settings = EvalSettings(model=gen.model_id, concept=concept, detector=spec, device=str(gen.device),
+                                     steps=steps, batch_size=batch_size, attack=attack)
+        self.generate = GenerateStage(gen=gen, steps=steps)
+        self.detect = DetectStage(spec, device=str(gen.device), detector=None if spec else detector)
+
+    def __call__(self, masks: tuple | None, rows: list[dict] | None = None) -> tuple[dict, list[dict]]:
+        """The report and the rows with their images, for binary masks (sites, {site: 0/1}) or, with
+        None, the base model alone; on `rows` if given (a subset, say), else the evaluator's own."""
+        self.generate.use_masks(masks)
+        return evaluate(self.settings, self.rows if rows is None else rows, stages=(self.generate, self.detect),
+                        progress=self.progress)

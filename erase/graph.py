@@ -1,4 +1,4 @@
-"""The concept graph (AGE's finding, METHOD.md section 2): erase each concept, measure every other.
+"""The concept graph (AGE's finding, docs/method.md): erase each concept, measure every other.
 
     Δ(c_e, c_j) = G_0(c_j) - G_{c_e}(c_j)
 
@@ -8,13 +8,18 @@ that loses its cross is the erasure itself, not a side effect on `striped` (the 
 detects a style only on an object), so both G_0 and G_{c_e} leave those prompts out. The
 diagonal is the erasure itself; a large off-diagonal entry means c_j is a neighbour of c_e
 that erasure hurts. `erase graph` runs the erasures as a sweep (one study per concept, fixed
-settings from a space file) and then evaluates every mask on every concept; the matrix is
-written as a table (JSON, Markdown) and a heatmap PNG.
+settings from a space file: `plan`, `run`) and then evaluates every mask on every concept
+(`measure`); the matrix is written as a table (JSON, Markdown) and a heatmap PNG.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
+
+from erase.errors import EraseError
 
 
 def side_effects(base: dict[str, dict[str, float]], erased: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -77,17 +82,76 @@ def measure(model: str, mask_files: dict[str, str], rows: list[dict], detector: 
             device: str = "cpu", progress: bool = False) -> tuple[dict, dict[str, dict], dict[str, dict]]:
     """Detection rates of every concept: the base model's on all rows; then for each erased concept,
     base and masked on `rows_for_side_effects` (same seeds)."""
-    from erase.evaluate import DetectStage, GenerateStage, figures, run_stages_locally
+    from erase.evaluate import Evaluator
     from erase.masks import binary_from_file_meta, load_mask_file
+    from erase.pipelines import load_generator
 
-    stage = GenerateStage(model, model_path, device=device)  # base images are cached across masks
-    detect = DetectStage(detector, device=device)
-    base = figures(run_stages_locally(rows, stage, detect, progress=progress), None)["detection"]
+    gen = load_generator(model, model_path, device=device)
+    evaluator = Evaluator(gen, detector, rows, concept=None, progress=progress)
+    base = evaluator(None)[0]["detection"]
     base_by_erased, erased = {}, {}
     for concept, path in mask_files.items():
-        masks, meta = load_mask_file(path, stage.gen.mask_sites(), model)
-        stage.sites, stage.binary = masks.sites, binary_from_file_meta(masks, meta)
-        kept_rows = rows_for_side_effects(rows, concept)
-        measured = figures(run_stages_locally(kept_rows, stage, detect, progress=progress), None)
+        masks, meta = load_mask_file(path, gen.mask_sites(), model)
+        measured, _ = evaluator((masks.sites, binary_from_file_meta(masks, meta)), rows_for_side_effects(rows, concept))
         base_by_erased[concept], erased[concept] = measured["base_detection"], measured["detection"]
     return base, base_by_erased, erased
+
+
+def plan(model: str, concepts: list[str], *, space: str, storage: str, tracking_uri: str | None = None,
+         model_path: str | None = None) -> list:
+    """The graph's sweep: one study per concept (the model's graph concepts by default), one trial each."""
+    from erase.pipelines import model as model_entry
+    from erase.sweep import plan as plan_sweep
+
+    entry = model_entry(model)
+    if entry.detector is None:
+        raise EraseError(f"`erase graph` measures with the model's own detector, and {model} has none; other "
+                         "models need a CLIP label set (run erase sweep per concept and erase eval --detector clip)")
+    concepts = concepts or list(entry.graph_concepts)
+    if len(concepts) < 2:
+        raise EraseError("a concept graph needs at least two concepts")
+    return plan_sweep(model, concepts, space, 1, storage, model_path=model_path, tracking_uri=tracking_uri,
+                      report_every=1000, detector=entry.detector)
+
+
+def run(specs: list, *, seeds_per_prompt: int, out_dir: str, address: str | None = None, on_progress=None,
+        progress: bool = False) -> dict:
+    """Erase every concept of the planned sweep, measure every mask on every concept, and write
+    graph.json, graph.md and graph.png into `out_dir`; returns what graph.json holds."""
+    from erase.evaluate import evaluation_rows
+    from erase.sweep import run_sweep
+
+    model, concepts, sweep_id = specs[0].model, [s.concept for s in specs], specs[0].sweep_id
+    masks = {}
+    for summary in run_sweep(specs, address=address, on_progress=on_progress):
+        if not summary.get("best") or not summary["best"].get("mask_file"):
+            raise EraseError(f"the erasure of {summary['concept']!r} did not finish; see {summary['study_dir']}")
+        masks[summary["concept"]] = summary["best"]["mask_file"]
+    rows = [r for r in evaluation_rows(model, None, seeds_per_prompt) if r["concept"] in concepts]
+    base, base_by_erased, erased = measure(model, masks, rows, specs[0].detector, model_path=specs[0].model_path,
+                                           progress=progress)
+    delta = side_effects(base_by_erased, erased)
+    result = {"sweep_id": sweep_id, "concepts": concepts, "base_detection": base,
+              "base_detection_without_erased": base_by_erased, "detection_after": erased, "delta": delta,
+              "masks": masks, "seeds_per_prompt": seeds_per_prompt,
+              "neighbours": {c: nearest_neighbours(delta, c) for c in concepts}}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "graph.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out_dir, "graph.md"), "w") as f:
+        f.write(f"Side effect Δ(erased, measured) = base detection - detection after erasure, on the measured "
+                f"concept's prompts that do not name the erased one (sweep {sweep_id}, {seeds_per_prompt} seeds "
+                f"per prompt)\n\n{markdown_table(delta)}\n")
+    heatmap(delta, os.path.join(out_dir, "graph.png"))
+    return result
+
+
+def read_graph(path: str) -> dict[str, dict[str, float]]:
+    """The side-effect matrix Δ of a graph.json that `run` wrote."""
+    if not os.path.isfile(path):
+        raise EraseError(f"concept graph {path!r} does not exist: run `erase graph` first or pass --graph")
+    try:
+        with open(path) as f:
+            return json.load(f)["delta"]
+    except (ValueError, KeyError) as err:
+        raise EraseError(f"{path} is not a concept graph written by `erase graph` ({err})") from None

@@ -4,7 +4,7 @@ A mask site (erase.pipelines.MaskSite) names where a vector of `size` entries mu
 Each entry has a logit λ, always fp32 even when the model runs in bf16. λ = 3 means "keep"
 (mask ≈ 1); training pushes the logits of units that carry the concept below 0.
 
-Parametrisations (METHOD.md):
+Parametrisations (docs/method.md, section 3):
 - hard_concrete: m = clamp(sigmoid((log(u+e) - log(1-u+e) + λ) / T) * 1.2 - 0.1, 0, 1), u ~ U(0,1)
   while training (e = 0.5, T = 0.83); without noise at evaluation.
 - sigmoid: m = sigmoid(λ).
@@ -410,3 +410,14 @@ def binary_from_file_meta(masks: Masks, meta: dict) -> dict[str, torch.Tensor]:
     """Binarise loaded logits the way the file says."""
     keep = float(meta["keep"]) if meta.get("keep") else None
     return masks.binary(threshold=float(meta["threshold"]), scope=meta.get("scope", "threshold"), keep=keep)
+
+
+def site_summary(sites: list[MaskSite]) -> dict:
+    """Masks and entries per group, and the architecture's fingerprint, for listing a model's sites."""
+    groups = {}
+    for s in sites:
+        g = groups.setdefault(s.group, {"masks": 0, "entries": 0})
+        g["masks"] += 1
+        g["entries"] += s.size
+    return {"fingerprint": fingerprint(sites), "groups": groups,
+            "sites": [{"name": s.name, "group": s.group, "size": s.size} for s in sites]}

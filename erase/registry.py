@@ -26,7 +26,7 @@ from erase.errors import EraseError
 from erase.tracking import MASK_DIR, MASK_FILE, TrackingError, experiment_name, slug
 
 GATES = {"max_erasure_rate": 0.05, "min_preservation": 0.9}
-DEFAULT_METRIC = "score"  # (1 - erasure_rate / base_rate) * preservation, see erase/sweep.py
+DEFAULT_METRIC = "score"  # (1 - erasure_rate / base_rate) * preservation, see erase/trial.py
 
 
 class RegistryError(EraseError):
@@ -42,11 +42,19 @@ def load_gates(path: str | None = None, **overrides) -> dict:
     if path is not None:
         if not os.path.isfile(path):
             raise RegistryError(f"gates file {path!r} does not exist")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise RegistryError(f"gates file {path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise RegistryError(f"gates file {path}: expected a mapping like {{max_erasure_rate: 0.05}}")
         unknown = set(raw) - set(GATES)
         if unknown:
             raise RegistryError(f"{path}: unknown gate(s) {', '.join(sorted(unknown))}; known: {', '.join(GATES)}")
+        for key, value in raw.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RegistryError(f"{path}: gate {key!r} must be a number, got {value!r}")
         gates.update({k: float(v) for k, v in raw.items()})
     gates.update({k: float(v) for k, v in overrides.items() if v is not None})
     return gates
@@ -235,3 +243,21 @@ def fetch_mask(uri: str, dst: str | None = None) -> tuple[str, dict]:
                             "recorded when it was logged; the artifact was changed or damaged. Refusing it")
     provenance["sha256"] = actual
     return path, provenance
+
+
+def load_masks(uris: list[str], model: str) -> tuple[list, dict, list[dict]]:
+    """Fetch and check masks (files, models:/ or runs:/ URIs) for `model`, and combine them: a unit stays
+    only if every mask keeps it. Returns (sites, combined binary masks, what each mask was). No weights
+    are needed: the fingerprint is checked against the architecture built on the meta device."""
+    from erase.masks import binary_from_file_meta, combine_binary, load_mask_file
+    from erase.pipelines import mask_sites
+
+    sites = mask_sites(model)
+    loaded, applied = [], []
+    for uri in uris:
+        path, provenance = fetch_mask(uri)
+        masks, meta = load_mask_file(path, sites, model)
+        loaded.append((masks.sites, binary_from_file_meta(masks, meta)))
+        applied.append({"uri": uri, "concept": meta["concept"], **provenance})
+    combined_sites, combined = combine_binary(loaded)
+    return combined_sites, combined, applied

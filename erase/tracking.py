@@ -192,6 +192,9 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status)
         return digest
 
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
     def fail(self, reason: str) -> None:
         self.client.set_tag(self.run_id, "erase.failure", reason[:4000])
         self.client.set_terminated(self.run_id, "FAILED")
@@ -202,3 +205,32 @@ def _param(key: str, value):
 
     text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
     return Param(key, text[:6000])
+
+
+def train_run(uri: str | None, model: str, cfg, erase_prompts: list, neutral_prompts: list, *, run_name: str,
+              fingerprint: str) -> RunLogger:
+    """The MLflow run of one `erase train`: its settings as params, the prompt sets' hashes as tags."""
+    import dataclasses
+
+    uri = connect(uri)
+    ensure_experiment(model, cfg.concept)
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "concept"}
+    return RunLogger(uri, model, cfg.concept, run_name=run_name, params=params,
+                     tags={"erase.fingerprint": fingerprint, "erase.sweep": "",
+                           "erase.prompts_sha": prompts_hash(erase_prompts), "erase.neutral_sha": prompts_hash(neutral_prompts)})
+
+
+def log_evaluation(run_id: str, report: dict, pictures: list[str]) -> None:
+    """Attach an evaluation report (eval/eval.json) and its pictures to the run that made the mask."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "eval.json")
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        client.log_artifact(run_id, path, "eval")
+    for picture in pictures:
+        client.log_artifact(run_id, picture, "eval")

@@ -1,4 +1,4 @@
-"""The MCE recipe: learn sparse masks that erase one concept (METHOD.md section 1).
+"""The MCE recipe: learn sparse masks that erase one concept (docs/method.md).
 
     L = mean ||F_θ(x_T, c_R) - target(x_T, c_R)||²  +  β · mean ||F_θ(x_T, c_N) - F_θ'(x_T, c_N)||²
         + optional sparsity penalty
@@ -123,9 +123,10 @@ def sparsity_penalty(masks: Masks, cfg: TrainConfig) -> torch.Tensor:
     return cfg.sparsity_weight * torch.relu(removed - cfg.target_sparsity)
 
 
-# A prompt source: a list of prompts (each gets cfg.noises_per_prompt fixed seeds and is cycled in
-# shuffled batches), or an endless iterator of (prompts, seeds) batches, e.g. a Ray Data shard.
-PromptSource = Union[list, Iterator[tuple[list[str], list[int]]]]
+# A prompt source: a list of prompts, each of which gets cfg.noises_per_prompt fixed seeds, or a
+# list of rows {prompt, seed} that have theirs already (a sweep worker's shard of the prompt
+# dataset, made from the same prompt_rows). Either way the rows are cycled in shuffled batches.
+PromptSource = Union[list[str], list[dict]]
 
 
 @dataclass
@@ -146,12 +147,12 @@ class TrainState:
         return point
 
 
-def _batches(source: PromptSource, if_empty: str, cfg: TrainConfig, first_seed: int, shuffle_seed: int):
-    if not isinstance(source, (list, tuple)):
-        return iter(source)
+def _rows(source: PromptSource, if_empty: str, cfg: TrainConfig, first_seed: int) -> list[dict]:
     if not source:
         raise PromptError(if_empty)
-    return cycle_batches(prompt_rows(list(source), first_seed, cfg.noises_per_prompt), cfg.batch_size, shuffle_seed)
+    if isinstance(source[0], dict):
+        return list(source)
+    return prompt_rows(list(source), first_seed, cfg.noises_per_prompt)
 
 
 def _average_across_workers(masks: Masks) -> None:
@@ -178,10 +179,11 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
     # ---- setup
     cfg.validate()
     erase_seed, neutral_seed = first_seeds(cfg)
-    erase_batches = _batches(erase_prompts, f"no prompts for the concept {cfg.concept!r}: the erase prompt list is empty",
-                             cfg, erase_seed, cfg.seed)
-    neutral_batches = _batches(neutral_prompts, "no neutral prompts: the preservation prompt list is empty",
-                               cfg, neutral_seed, cfg.seed + 1)
+    erase_rows = _rows(erase_prompts, f"no prompts for the concept {cfg.concept!r}: the erase prompt list is empty",
+                       cfg, erase_seed)
+    neutral_rows = _rows(neutral_prompts, "no neutral prompts: the preservation prompt list is empty", cfg, neutral_seed)
+    erase_batches = cycle_batches(erase_rows, cfg.batch_size, cfg.seed)
+    neutral_batches = cycle_batches(neutral_rows, cfg.batch_size, cfg.seed + 1)
     target_prompts: dict[str, str] = {}
 
     def target_prompt(prompt: str) -> str:
@@ -197,9 +199,8 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
                 target_prompts[prompt] = ""
         return target_prompts[prompt]
 
-    if isinstance(erase_prompts, (list, tuple)):
-        for p in erase_prompts:  # a prompt the substitution map misses fails now, not mid-run
-            target_prompt(p)
+    for row in erase_rows:  # a prompt the substitution map misses fails now, not mid-run
+        target_prompt(row["prompt"])
     sites = select_sites(gen.mask_sites(), cfg.sites)
     sites = [s for s in sites if cfg.lr(s.group) > 0]
     masks = Masks.create(sites, cfg.parametrisation, cfg.init_logit, device=gen.device)

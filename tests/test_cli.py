@@ -171,7 +171,7 @@ def test_eval_base_model_without_a_mask(capsys):
 
 
 def test_a_sweep_in_which_no_trial_finished_is_a_failure(capsys):
-    from erase.cli import _no_trial_finished
+    from erase.cli.sweep import no_trial_finished as _no_trial_finished
 
     finished = {"concept": "circle", "study_dir": "/s/circle", "best": {"score": 0.5}}
     nothing = {"concept": "red", "study_dir": "/s/red", "best": None}
@@ -186,8 +186,8 @@ def test_ray_output_goes_to_stderr_while_json_is_kept_for_stdout():
     import subprocess
     import sys
 
-    code = ("import os\nfrom erase.cli import _ray_output_off_stdout\n"
-            "with _ray_output_off_stdout() as out:\n    os.write(1, b'(raylet) WARNING\\n')\n"
+    code = ("import os\nfrom erase.cli.common import ray_output_off_stdout\n"
+            "with ray_output_off_stdout() as out:\n    os.write(1, b'(raylet) WARNING\\n')\n"
             "    print('[1,', file=out)\n"
             "print('2]')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -1,4 +1,4 @@
-"""Prompt files through Ray Data and pyarrow, the seeds they get, and the adversarial set loaders."""
+"""Prompt files, a sweep worker's shard of the prompts (the rows and order of the local loop), adversarial sets."""
 
 import json
 
@@ -7,7 +7,7 @@ import pyarrow.csv
 import pyarrow.parquet
 import pytest
 
-from erase.data import endless_batches, read_adversarial, read_prompt_dataset, with_seeds
+from erase.data import read_adversarial, read_shard
 from erase.prompts import PromptError, read_prompts
 from erase.train import prompt_rows
 
@@ -21,6 +21,7 @@ def ray_local():
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().execution_options.preserve_order = True  # as a study sets it
     yield ray
     ray.shutdown()
 
@@ -36,39 +37,41 @@ def prompt_files(tmp_path):
 
 
 @pytest.mark.parametrize("name, column", [("p.parquet", "text"), ("p.csv", "text"), ("p.jsonl", "text"), ("p.txt", "prompt")])
-def test_every_format_reads_the_same_prompts(prompt_files, ray_local, name, column):
-    path = str(prompt_files / name)
-    assert read_prompts(path, "concept prompt", column) == PROMPTS
-    ds = with_seeds(read_prompt_dataset(path, column), first_seed=0, noises_per_prompt=1)
-    assert sorted(r["prompt"] for r in ds.take_all()) == sorted(PROMPTS)
+def test_every_format_reads_the_same_prompts(prompt_files, name, column):
+    assert read_prompts(str(prompt_files / name), "concept prompt", column) == PROMPTS
 
 
-def test_missing_column_names_the_columns(prompt_files, ray_local):
+def test_missing_column_names_the_columns(prompt_files):
     with pytest.raises(PromptError, match="no column 'prompt'.*text"):
-        read_prompt_dataset(str(prompt_files / "p.parquet"), "prompt")
+        read_prompts(str(prompt_files / "p.parquet"), "concept prompt", "prompt")
     with pytest.raises(PromptError, match="no column 'prompt'.*text"):
         read_prompts(str(prompt_files / "p.csv"), "concept prompt", "prompt")
     with pytest.raises(PromptError, match="does not exist"):
-        read_prompt_dataset(str(prompt_files / "nope.parquet"))
+        read_prompts(str(prompt_files / "nope.parquet"), "concept prompt")
     (prompt_files / "p.xlsx").write_bytes(b"PK")
     with pytest.raises(PromptError, match="unknown type"):
         read_prompts(str(prompt_files / "p.xlsx"), "concept prompt")
 
 
-def test_streamed_rows_get_the_seeds_of_the_local_loop(ray_local):
-    ds = with_seeds(ray_local.data.from_items([{"prompt": p} for p in PROMPTS]), first_seed=500, noises_per_prompt=2)
-    streamed = sorted((r["prompt"], r["seed"]) for r in ds.take_all())
-    local = sorted((r["prompt"], r["seed"]) for r in prompt_rows(PROMPTS, 500, 2))
-    assert streamed == local and len(set(s for _, s in local)) == 6
+def test_a_workers_shard_holds_the_rows_of_the_local_loop_in_their_order(ray_local):
+    # a sweep's prompt dataset is made from prompt_rows; one worker's shard gives them back in order,
+    # so it trains on the batches `erase train` draws from the same prompts
+    rows = prompt_rows(PROMPTS * 4, first_seed=500, noises_per_prompt=2)
+    dataset = ray_local.data.from_items(rows).materialize()
+    (shard,) = dataset.streaming_split(1)
+    assert read_shard(shard) == rows
+    halves = dataset.streaming_split(2, equal=True)
+    import threading  # the shards of a split are read concurrently, as the workers of a trial do
 
-
-def test_endless_batches_cycle_a_small_shard(ray_local):
-    ds = ray_local.data.from_items(prompt_rows(PROMPTS, 0, 1))
-    batches = endless_batches(ds.iterator(), batch_size=2)
-    seen = [next(batches) for _ in range(6)]  # 12 examples from 3 rows: four passes
-    assert all(len(p) == 2 and len(s) == 2 for p, s in seen)
-    prompts = [p for batch, _ in seen for p in batch]
-    assert {prompts.count(p) for p in PROMPTS} == {4}
+    read = [None, None]
+    readers = [threading.Thread(target=lambda i=i: read.__setitem__(i, read_shard(halves[i]))) for i in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=120)
+    assert sorted(read[0] + read[1], key=lambda r: r["seed"]) == sorted(rows, key=lambda r: r["seed"])
+    with pytest.raises(PromptError, match="more prompts than workers"):
+        read_shard(ray_local.data.from_items([{"prompt": "x", "seed": 1}]).limit(0).iterator())
 
 
 def test_adversarial_loaders(tmp_path):
@@ -93,14 +96,15 @@ def test_adversarial_loaders(tmp_path):
 def test_sweep_prompt_streams_take_the_recipe_noises_unless_the_space_fixes_them(ray_local):
     from erase.pipelines import recipe_defaults
     from erase.prompts import prompt_sets
-    from erase.sweep import SweepSpec, _prompt_sets
+    from erase.sweep import StudySpec
+    from erase.sweep.study import prompt_datasets
 
     erase_prompts, neutral = prompt_sets("toy", "cross")
     noises = recipe_defaults("toy", "cross")["noises_per_prompt"]
     assert noises > 1  # otherwise this test shows nothing
-    spec = SweepSpec(sweep_id="t", concept="cross")
-    datasets, _ = _prompt_sets(spec, fixed={})
+    spec = StudySpec(sweep_id="t", concept="cross")
+    datasets, _ = prompt_datasets(spec, fixed={})
     assert datasets["erase"].count() == len(erase_prompts) * noises
     assert datasets["neutral"].count() == len(neutral) * noises
-    datasets, _ = _prompt_sets(spec, fixed={"noises_per_prompt": 1})
+    datasets, _ = prompt_datasets(spec, fixed={"noises_per_prompt": 1})
     assert datasets["erase"].count() == len(erase_prompts)

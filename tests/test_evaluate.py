@@ -11,6 +11,7 @@ from erase.evaluate import (
     AttackConfig,
     DetectStage,
     EvalSettings,
+    Evaluator,
     GenerateStage,
     evaluate,
     evaluation_rows,
@@ -145,17 +146,24 @@ def test_masked_evaluation_on_fresh_weights(fresh):
     gen, detector = fresh
     sites = [s for s in gen.mask_sites() if s.group == "ffn"]
     zeros = {s.name: torch.zeros(s.size) for s in sites}
-    stages = (GenerateStage(gen=gen, masks=(sites, zeros)), DetectStage(detector=_ToyWrapper(detector)))
-    settings = EvalSettings(concept="red", attack=AttackConfig(prompts=2, steps=2))
-    report, results = evaluate(settings, evaluation_rows("toy", "red", seeds_per_prompt=1), stages=stages)
+    rows = evaluation_rows("toy", "red", seeds_per_prompt=1)
+    attacked = Evaluator(gen, _ToyWrapper(detector), rows, concept="red", attack=AttackConfig(prompts=2, steps=2))
+    report, results = attacked((sites, zeros))
     assert report["neutral_fidelity"]["value"] > 0
     assert report["attack_success_rate"]["n"] == 2
     assert len(report["_attack_images"]) == 2
     assert "skipped" in report["fid"] and "skipped" in report["clip_score"]
     ones = {s.name: torch.ones(s.size) for s in sites}
-    stages[0].sites, stages[0].binary = sites, ones
-    report, _ = evaluate(EvalSettings(concept="red", attack=None), evaluation_rows("toy", "red", 1), stages=stages)
+    evaluator = Evaluator(gen, _ToyWrapper(detector), rows, concept="red")
+    report, _ = evaluator((sites, ones))
     assert report["detection"] == report["base_detection"] and report["neutral_fidelity"]["value"] == 0.0
+    # the base images are the evaluator's: made once, the same for every mask it evaluates
+    cached = dict(evaluator.generate.base_cache)
+    assert len(cached) == len(rows)
+    again, again_rows = evaluator((sites, zeros))
+    assert evaluator.generate.base_cache.keys() == cached.keys()
+    assert all((r["base"] == cached[(r["prompt"], r["seed"])]).all() for r in again_rows)
+    assert again["base_detection"] == report["base_detection"] and again["neutral_fidelity"]["value"] > 0
 
 
 def test_whitebox_attack_lowers_its_loss(tiny):

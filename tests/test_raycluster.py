@@ -4,7 +4,8 @@ import pathlib
 
 import yaml
 
-from erase.sweep import GPUS_PER_WORKER, SweepSpec
+from erase.sweep import StudySpec
+from erase.sweep.trial import GPUS_PER_WORKER
 
 CLUSTER = yaml.safe_load(pathlib.Path(__file__).resolve().parents[1].joinpath("raycluster.yaml").read_text())
 
@@ -28,7 +29,7 @@ def test_gpu_limits_match_the_sweeps_per_trial_resources():
     container = group["template"]["spec"]["containers"][0]
     gpus = container["resources"]["limits"]["nvidia.com/gpu"]
     assert gpus == GPUS_PER_WORKER == int(group["rayStartParams"]["num-gpus"])
-    spec = SweepSpec(sweep_id="s", concept="c")
+    spec = StudySpec(sweep_id="s", concept="c")
     cpus = float(container["resources"]["limits"]["cpu"])
     assert cpus >= spec.cpus_per_worker * spec.workers_per_trial  # a trial's worker fits in one GPU pod
     head = CLUSTER["spec"]["headGroupSpec"]

@@ -11,7 +11,9 @@ import pytest
 
 from erase.errors import EraseError
 from erase.prompts import PromptError
-from erase.sweep import SweepError, _slots, plan, run_sweep, score
+from erase.sweep import SweepError, plan, run_sweep
+from erase.sweep.driver import _slots
+from erase.trial import score
 
 TINY_SPACE = """
 description: a few steps per trial, for tests
@@ -81,15 +83,20 @@ def test_a_sweep_tracks_every_trial_and_a_failed_worker_resumes_from_its_checkpo
     space = tmp_path / "space.yaml"
     space.write_text(TINY_SPACE)
     uri = mlflow_server["uri"]
+    # the test reporter (tests/faulty_reporter.py) kills each trial's worker once, after its report at step 2
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("ERASE_TEST_FAIL_AT_STEP", "2")
+    monkeypatch.setenv("ERASE_TEST_MARKERS", str(markers))
     specs = plan("toy", ["circle"], str(space), 2, str(tmp_path / "sweeps"), tracking_uri=uri,
-                 report_every=2, grace_steps=4, fail_once_at_step=2, detector={"name": "toy"})
+                 report_every=2, grace_steps=4, reporter="faulty_reporter:FailOnce", detector={"name": "toy"})
     seen = []
     (summary,) = run_sweep(specs, on_progress=seen.append, poll=0.5)
     assert [t["status"] for t in summary["trials"]] == ["finished", "finished"], summary
     assert os.path.isfile(summary["best"]["mask_file"]) and summary["best"]["mlflow_run_id"]
     assert any(p[0]["running"] >= 1 for p in seen) and seen[-1][0]["done"] == 2
-    markers = os.listdir(os.path.join(specs[0].study_dir, "markers"))
-    assert len(markers) == 2  # each trial's worker died once at step 2 ...
+    assert len(os.listdir(markers)) == 2  # each trial's worker died once at step 2 ...
     client, runs = _runs(uri, "circle")
     runs = [r for r in runs if r.data.tags.get("erase.sweep") == specs[0].sweep_id]  # the server is shared
     assert len(runs) == 2  # ... and continued in the same MLflow run, from its checkpoint:
@@ -168,10 +175,11 @@ def test_orchestration_overhead_compares_wall_time_with_trial_compute_per_slot()
 def test_small_sweeps_leave_tpes_random_start_after_a_third_of_their_trials():
     import optuna
 
-    from erase.sweep import SweepSpec, tpe_sampler
+    from erase.sweep import StudySpec
+    from erase.sweep.study import tpe_sampler
 
     def sampler(concept, trials):
-        return tpe_sampler(SweepSpec(sweep_id="t", concept=concept, trials=trials))
+        return tpe_sampler(StudySpec(sweep_id="t", concept=concept, trials=trials))
 
     # Optuna's default, 10 random start-up trials, would make a sweep of 6 a random search throughout
     assert sampler("striped", 6)._n_startup_trials == 2

@@ -4,7 +4,7 @@ diffusers' `FluxPipeline.__call__` runs under `no_grad`, so the pipeline object 
 the container of its components and for its prompt encoding and latent preparation; the
 sampling loop is written out in `erase/sampler.py`.
 
-Mask sites (METHOD.md): every tap is on an nn.Linear, so a binary mask folds into its weights.
+Mask sites (docs/method.md, section 2): every tap is on an nn.Linear, so a binary mask folds into its weights.
 - ffn:  the hidden units of `ff` and `ff_context` of each dual-stream block = input columns of
         `ff.net.2` (after GELU); 2 masks per dual-stream block.
 - norm: the output of `norm1_context.linear` (text-stream shift/scale/gate) of each dual block.

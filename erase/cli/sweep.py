@@ -1,0 +1,115 @@
+"""search erasure hyperparameters on Ray Tune + Optuna, one study per concept
+
+Ray Tune + Optuna over a search space (erase/spaces/), one Optuna study per concept, with
+ASHA stopping trials early on score = max(0, 1 - erasure_rate / base_rate) * preservation.
+Each trial is a Ray Train run (one worker per GPU, the CPU otherwise), every trial an MLflow
+run. With no flags: a small sweep of the toy world's 'striped' on a local Ray. Ctrl-C stops
+cleanly; --resume ID continues without losing finished trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from erase.cli.common import (
+    add_detector_args,
+    add_model_args,
+    add_parser,
+    comma_list,
+    number,
+    progress_printer,
+    ray_output_off_stdout,
+)
+
+
+def add(subparsers) -> None:
+
+    p = add_parser(subparsers, "sweep", __doc__)
+    add_model_args(p)
+    p.add_argument("--concepts", help="comma-separated concepts, one study each (toy default: striped, the "
+                   "concept its masks erase best)")
+    p.add_argument("--space", default="toy_fast", help="search space: a shipped name (default, flux_nudity, toy_fast, "
+                   "toy_adaptive, concept_graph; see erase/spaces/) or a YAML file")
+    p.add_argument("--trials", type=int, default=4, help="trials per concept")
+    p.add_argument("--address", help="Ray cluster to use, e.g. auto (default: start a local Ray)")
+    p.add_argument("--storage", default="erase-sweeps", help="folder for Tune/Train state, checkpoints and study logs")
+    p.add_argument("--resume", metavar="SWEEP_ID", help="continue an interrupted sweep (its saved settings are used)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db with ./mlartifacts)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (>1: data-parallel)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each Train worker reserves")
+    p.add_argument("--report-every", type=int, default=25, help="optimisation steps between reports, evaluations "
+                   "and checkpoints (ASHA decides on these)")
+    p.add_argument("--grace-steps", type=int, default=50, help="ASHA: steps every trial runs before it can be stopped")
+    p.add_argument("--prompts", metavar="FILE", help="concept prompts (.parquet, .csv, .jsonl, .txt; local or s3://)")
+    p.add_argument("--neutral-prompts", metavar="FILE", help="neutral prompts, same formats")
+    p.add_argument("--eval-prompts", metavar="FILE", help="evaluation prompts naming the concept (default: --prompts)")
+    p.add_argument("--prompt-column", default="prompt", help="column holding the prompts in table files")
+    add_detector_args(p, "for the trials' figures")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype in the trials")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from erase.detectors import detector_spec
+    from erase.pipelines import model as model_entry
+    from erase.sweep import plan, run_sweep
+
+    concepts = comma_list(args.concepts) or ([] if args.resume else list(model_entry(args.model).sweep_concepts))
+    detector = None if args.resume else detector_spec(args.model, args.detector, args.detector_config, args.model_path)
+    specs = plan(args.model, concepts, args.space, args.trials, args.storage, resume=args.resume,
+                 model_path=args.model_path, tracking_uri=args.tracking_uri, workers_per_trial=args.workers_per_trial,
+                 cpus_per_worker=args.cpus_per_worker, dtype=args.dtype, guidance=args.guidance,
+                 report_every=args.report_every, grace_steps=args.grace_steps, prompts=args.prompts,
+                 neutral_prompts=args.neutral_prompts, eval_prompts=args.eval_prompts, prompt_column=args.prompt_column,
+                 detector=detector)
+    if not args.json:
+        print(f"sweep {specs[0].sweep_id}: {len(specs)} stud{'y' if len(specs) == 1 else 'ies'} "
+              f"({', '.join(s.concept for s in specs)}), space {specs[0].space}, {specs[0].trials} trials each; "
+              f"state in {os.path.join(os.path.abspath(specs[0].storage), specs[0].sweep_id)}", flush=True)
+    with ray_output_off_stdout() as out:
+        summaries = run_sweep(specs, address=args.address, on_progress=None if args.json else progress_printer(out))
+    if args.json:
+        print(json.dumps(summaries, indent=2, default=str))
+        return no_trial_finished(summaries)
+    for summary in summaries:
+        print_summary(summary)
+    cost = summaries[0].get("sweep_cost") or {}
+    if cost.get("overhead"):
+        print(f"\nwall time {cost['wall_seconds']:.0f} s; the trials' own compute {cost['trial_compute_seconds']:.0f} s "
+              f"on {cost['slots']} slot(s): orchestration overhead x{cost['overhead']:.2f} (1.00 = none)")
+    if no_trial_finished(summaries):
+        return 1
+    print(f"\npromote the best with: erase promote --concept {summaries[0]['concept']} --sweep {specs[0].sweep_id}")
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    """A study's trials, best first, and its best finished trial."""
+    print(f"\n{summary['concept']}: objective {summary['objective']}")
+    print(f"  {'trial':<28} {'status':<9} {'score':>6} {'erasure':>8} {'preserv.':>8} {'step':>5}")
+    for t in sorted(summary["trials"], key=lambda t: -(t["score"] or -1)):
+        print(f"  {t['trial'][:28]:<28} {t['status']:<9} {number(t['score']):>6} {number(t['erasure_rate']):>8} "
+              f"{number(t['preservation']):>8} {t['step'] or '-':>5}")
+    best = summary.get("best")
+    if best:
+        print(f"  best finished trial: {best['trial']}, score {best['score']:.3f}, erasure_rate "
+              f"{best['erasure_rate']:.3f}, preservation {best['preservation']:.3f}")
+        print("  hyperparameters: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in best["config"].items()))
+        print(f"  mask: {best.get('mask_file')}   MLflow run: {best.get('mlflow_run_id')}")
+    else:
+        print("  no trial finished")
+    print(f"  Optuna study {summary['optuna_study']} in {summary['optuna_storage']}")
+
+
+def no_trial_finished(summaries: list[dict]) -> int:
+    """1 (and say where to look) when a study has no finished trial: a sweep that produced nothing is a failure."""
+    empty = [s for s in summaries if not s.get("best")]
+    for s in empty:
+        print(f"erase: error: no trial of {s['concept']!r} finished; the errors are in "
+              f"{os.path.join(s['study_dir'], 'study.log')}", file=sys.stderr)
+    return 1 if empty else 0

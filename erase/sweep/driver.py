@@ -1,0 +1,251 @@
+"""The sweep's driver (`erase sweep`): plan the studies, start Ray, run one study process per concept.
+
+- One Optuna study per concept (OptunaSearch cannot grid over concepts), each in its own process
+  (erase/sweep/study.py) attached to the same Ray cluster: Tune's registry is not safe to drive
+  from threads, and a process per study makes a Ctrl-C save every study's state.
+- The trial slots (GPUs, or CPU cores locally) are shared out: with at least as many slots as
+  studies every study runs at once; with more studies than slots, that many run at a time with
+  one trial each, and the next starts when one ends.
+- The driver creates every MLflow experiment before a trial starts (SQLite schema creation from
+  many processes at once races), shows each study's progress from its progress.json, and ends
+  with the studies' summaries and the sweep's orchestration cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from erase import config as run_config
+from erase.sweep.spec import StudySpec, SweepError, join, slug
+
+
+def new_sweep_id(model: str) -> str:
+    return f"{slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def plan(model: str, concepts: list[str], space: str, trials: int, storage: str, *, resume: str | None = None,
+         **options) -> list[StudySpec]:
+    """Check the request and make one StudySpec per concept (a resumed sweep keeps its saved specs).
+
+    Everything that can be checked without Ray is checked here: the concepts, the space and its
+    fixed settings, the prompt files."""
+    if resume:
+        return _saved_specs(storage, resume)
+    if trials < 1:
+        raise SweepError(f"--trials must be at least 1, got {trials}")
+    if not concepts:
+        raise SweepError("no concepts: pass --concepts A,B (the toy world's default is striped)")
+    _check_space(model, concepts, space)
+    from erase.prompts import read_prompts
+
+    for key, what in (("prompts", "concept prompt"), ("neutral_prompts", "neutral prompt"),
+                      ("eval_prompts", "evaluation prompt")):
+        if options.get(key):  # a missing, unreadable or empty file fails here, before Ray starts
+            read_prompts(options[key], what, options.get("prompt_column", "prompt"))
+    sweep_id = new_sweep_id(model)
+    return [StudySpec(sweep_id=sweep_id, concept=c, model=model, space=space, trials=trials, storage=storage, **options)
+            for c in concepts]
+
+
+def _saved_specs(storage: str, sweep_id: str) -> list[StudySpec]:
+    folder = join(storage, sweep_id)
+    if "://" in storage or not os.path.isdir(folder):
+        raise SweepError(f"no sweep {sweep_id!r} under {storage!r} to resume; sweeps there: "
+                         f"{', '.join(sorted(os.listdir(storage))) if os.path.isdir(storage) else 'none'}")
+    specs = []
+    for name in sorted(os.listdir(folder)):
+        spec_file = os.path.join(folder, name, "spec.json")
+        if os.path.isfile(spec_file):
+            with open(spec_file) as f:
+                specs.append(StudySpec(**json.load(f)))
+    if not specs:
+        raise SweepError(f"sweep {sweep_id!r} has no study specs in {folder}")
+    return specs
+
+
+def _check_space(model: str, concepts: list[str], space: str) -> None:
+    """The space loads, searches nothing a study fixes, and its fixed settings resolve for every concept."""
+    from erase.pipelines import model as model_entry
+    from erase.spaces import load_space
+
+    loaded = load_space(space, run_config.FILE_KEYS)
+    for key in run_config.NOT_SEARCHABLE:
+        if key in loaded.search:
+            raise SweepError(f"{loaded.path}: {key!r} sets the prompt streams' noise seeds and cannot be searched; "
+                             "move it to `fixed`")
+    if "recipe" in loaded.search:
+        raise SweepError(f"{loaded.path}: 'recipe' names the settings every trial starts from and cannot be "
+                         "searched; move it to `fixed` (or search the settings themselves)")
+    for concept in concepts:
+        model_entry(model).prompt_sets(concept)  # a clear error for a concept the model does not have
+        run_config.resolve(model, concept, fixed=loaded.fixed, fixed_from=f"{loaded.path}: fixed")
+
+
+def run_sweep(specs: list[StudySpec], *, address: str | None = None, on_progress=None, poll: float = 2.0) -> list[dict]:
+    """Run every concept's study as a subprocess on one Ray cluster; returns their summaries.
+
+    On Ctrl-C every running study saves its state; `erase sweep --resume ID` continues without
+    losing finished trials.
+    """
+    from erase.tracking import connect, ensure_experiment
+
+    if "://" in specs[0].storage:
+        raise SweepError("the driver keeps study specs and logs in a local --storage folder; on a cluster use a "
+                         "shared filesystem path such as /mnt/erase/sweeps (see the README)")
+    uri = connect(specs[0].tracking_uri)
+    for spec in specs:
+        spec.tracking_uri = uri
+        ensure_experiment(spec.model, spec.concept)  # once, here: SQLite schema creation is not multi-process safe
+    started = time.time()
+    ray = _start_ray(address)
+    try:
+        use_gpu, slots = _slots(ray.cluster_resources(), specs[0].workers_per_trial, specs[0].cpus_per_worker,
+                                local=address is None)
+        at_once = min(len(specs), slots)
+        _write_specs(specs, use_gpu, max(1, slots // len(specs)))
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+        ended = _run_studies(specs, env, at_once, on_progress, poll)
+        summaries = [_summary_of(spec, log, proc) for spec, log, proc in sorted(ended, key=lambda c: specs.index(c[0]))]
+        costs = orchestration(summaries, time.time() - started, at_once * max(1, specs[0].max_concurrent))
+        for summary in summaries:
+            summary["sweep_cost"] = costs
+        return summaries
+    finally:
+        ray.shutdown()
+
+
+def _write_specs(specs: list[StudySpec], use_gpu: bool, max_concurrent: int) -> None:
+    """Every spec on disk before any study starts: a resumed sweep finds the studies that had not started too."""
+    for spec in specs:
+        spec.use_gpu, spec.max_concurrent = use_gpu, max_concurrent
+        os.makedirs(spec.study_dir, exist_ok=True)
+        with open(os.path.join(spec.study_dir, "spec.json"), "w") as f:
+            json.dump(dataclasses.asdict(spec), f, indent=2)
+
+
+def _run_studies(specs: list[StudySpec], env: dict, at_once: int, on_progress, poll: float) -> list[tuple]:
+    """Start the studies, `at_once` at a time, until all have ended; (spec, log, process) of each.
+
+    On Ctrl-C: every running study gets SIGINT (a terminal's reaches them already; one sent to this
+    process alone does not) and saves its state, then KeyboardInterrupt names the resume command."""
+    waiting, running, ended = list(specs), [], []
+    try:
+        while waiting or running:
+            while waiting and len(running) < at_once:
+                running.append(_start_study(waiting.pop(0), env))
+            for child in [c for c in running if c[2].poll() is not None]:
+                running.remove(child)
+                ended.append(child)
+            if on_progress is not None:
+                on_progress(_read_progress(specs))
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        for _, _, proc in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for _, _, proc in running:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise KeyboardInterrupt(f"sweep {specs[0].sweep_id} interrupted; every study saved its state. Continue "
+                                f"with: erase sweep --resume {specs[0].sweep_id} --storage {specs[0].storage}") from None
+    finally:
+        if on_progress is not None:
+            on_progress(_read_progress(specs))
+        for _, log, _ in ended + running:
+            log.close()
+    return ended
+
+
+def _summary_of(spec: StudySpec, log, proc) -> dict:
+    summary_file = os.path.join(spec.study_dir, "summary.json")
+    if proc.returncode != 0 or not os.path.isfile(summary_file):
+        raise SweepError(f"the study for {spec.concept!r} failed (exit {proc.returncode}); its log: "
+                         f"{os.path.join(spec.study_dir, 'study.log')}:\n{_tail(log.name)}")
+    with open(summary_file) as f:
+        return json.load(f)
+
+
+def _start_ray(address: str | None):
+    """Connect to --address, or start a Ray head inside this process for the sweep's lifetime."""
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    else:
+        # a small machine: more logical CPUs than cores, so that Ray Data and the trial drivers find
+        # room next to the Train workers; a small object store (prompt sets are tiny)
+        cores = os.cpu_count() or 2
+        # The head's processes are our children, in the terminal's process group: they inherit an
+        # ignored SIGINT, so that a Ctrl-C reaches the studies (which save their state) and this
+        # driver (which then shuts the head down), and never kills the head under them first.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            # address="local": always a new head, never a stray cluster some earlier run left behind
+            ray.init(address="local", num_cpus=max(4, 2 * cores), object_store_memory=256 * 2**20,
+                     log_to_driver=False, logging_level=logging.ERROR)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return ray
+
+
+def _slots(resources: dict, workers_per_trial: int, cpus_per_worker: float, local: bool) -> tuple[bool, int]:
+    """(use GPUs?, concurrent trials in all): one trial per GPU, else one per CPU core (of this machine
+    when Ray runs locally with more logical CPUs than cores)."""
+    gpus = int(resources.get("GPU", 0))
+    if gpus > 0:
+        return True, max(1, gpus // workers_per_trial)
+    cpus = (os.cpu_count() or 1) if local else int(resources.get("CPU", 1))
+    return False, max(1, int(cpus // (cpus_per_worker * workers_per_trial)))
+
+
+def orchestration(summaries: list[dict], wall_seconds: float, slots: int) -> dict:
+    """The sweep's wall time against its trials' own compute (model load, training, evaluation).
+
+    `overhead` = wall time / (trial compute / concurrent slots): 1.0 would be a sweep that cost
+    nothing beyond its trials; the rest is Ray's start-up and scheduling, worker start-up,
+    checkpointing and the idle tail of the last trials. (A resumed sweep counts this session's
+    wall time only.)
+    """
+    compute = sum(t.get("compute_seconds") or 0.0 for s in summaries for t in s["trials"])
+    return {"wall_seconds": round(wall_seconds, 1), "trial_compute_seconds": round(compute, 1), "slots": slots,
+            "overhead": round(wall_seconds / (compute / slots), 2) if compute > 0 else None}
+
+
+def _start_study(spec: StudySpec, env: dict):
+    """Start a study's process on its spec.json; returns (spec, log file, process)."""
+    spec_file = os.path.join(spec.study_dir, "spec.json")
+    for stale in ("summary.json", "progress.json"):
+        if os.path.exists(os.path.join(spec.study_dir, stale)):
+            os.remove(os.path.join(spec.study_dir, stale))
+    log = open(os.path.join(spec.study_dir, "study.log"), "a")
+    return spec, log, subprocess.Popen([sys.executable, "-m", "erase.sweep.study", spec_file], stdout=log,
+                                       stderr=subprocess.STDOUT, env=env)
+
+
+def _read_progress(specs: list[StudySpec]) -> list[dict]:
+    out = []
+    for spec in specs:
+        path = os.path.join(spec.study_dir, "progress.json")
+        try:
+            with open(path) as f:
+                out.append(json.load(f))
+        except (OSError, ValueError):
+            out.append({"concept": spec.concept, "total": spec.trials, "running": 0, "done": 0, "errored": 0,
+                        "best": None})
+    return out
+
+
+def _tail(path: str, lines: int = 25) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])

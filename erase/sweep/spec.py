@@ -1,0 +1,87 @@
+"""What crosses a sweep's process boundaries, each once: plain values that travel as JSON.
+
+    driver --StudySpec (spec.json)--> study process --StudySpec + datasets (with_parameters)-->
+    Tune trial --TrialPlan (train_loop_config)--> Ray Train workers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from erase.config import TrainConfig
+from erase.errors import EraseError
+from erase.pipelines import DEFAULT_MODEL
+from erase.tracking import slug
+
+
+class SweepError(EraseError):
+    """The sweep cannot start as asked; the message says what to change."""
+
+
+@dataclass
+class StudySpec:
+    """Everything one concept's study needs. The driver writes it; the study adds what it derives."""
+
+    sweep_id: str
+    concept: str
+    model: str = DEFAULT_MODEL
+    model_path: str | None = None
+    space: str = "toy_fast"
+    trials: int = 4
+    max_concurrent: int = 1
+    storage: str = "erase-sweeps"
+    tracking_uri: str | None = None
+    workers_per_trial: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    dtype: str = "fp32"
+    guidance: float | None = None
+    report_every: int = 25
+    grace_steps: int = 50
+    prompts: str | None = None
+    neutral_prompts: str | None = None
+    eval_prompts: str | None = None
+    prompt_column: str = "prompt"
+    detector: dict | None = None
+    seed: int = 0
+    # "module:Class" of a reporter that wraps the Ray reporter in each Train worker: Class(reporter, plan).
+    # The resilience tests inject a worker failure with one; production sweeps leave it None.
+    reporter: str | None = None
+    # set by the study process: the space's fixed settings and the hashes of its prompt sets
+    fixed: dict = field(default_factory=dict)
+    prompt_hashes: dict = field(default_factory=dict)
+
+    @property
+    def study_dir(self) -> str:
+        return join(self.storage, self.sweep_id, slug(self.concept))
+
+    @property
+    def study_name(self) -> str:
+        return f"{self.sweep_id}-{slug(self.concept)}"
+
+
+@dataclass
+class TrialPlan:
+    """One trial, as its Ray Train workers receive it: the study, the resolved config, what was sampled."""
+
+    study: StudySpec
+    config: TrainConfig
+    searched: dict  # the values Optuna drew for this trial
+    trial_id: str
+    trial_name: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrialPlan":
+        return cls(**{**values, "study": StudySpec(**values["study"]), "config": TrainConfig(**values["config"])})
+
+
+def join(*parts: str) -> str:
+    first, rest = parts[0], parts[1:]
+    if "://" in first:
+        return "/".join([first.rstrip("/"), *rest])
+    return os.path.join(os.path.abspath(first), *rest)

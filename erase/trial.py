@@ -1,0 +1,172 @@
+"""One trial of an erasure: train, evaluate at every report, and hand each report to a reporter.
+
+    run_trial(gen, cfg, erase_prompts, neutral_prompts, reporter, evaluator=None, resume=None)
+
+Every `cfg.log_every` steps the recipe (erase/train.py) logs a row, and the row becomes a
+`Report`: the row, the masks, the point to resume from and, with an evaluator, the figures on
+the evaluator's rows with the trial's score. After the last step, or when the loss turns
+non-finite, one final report carries the last good masks and the result. A reporter decides
+what reports become:
+
+- `LocalReporter` (`erase train`): at the end the mask file and its metrics JSON, and with an
+  MLflow run, every row logged to it and the run finished with the mask;
+- `erase.sweep.trial.RayReporter` (a sweep's Ray Train worker): a checkpoint per report
+  (`Report.write_checkpoint`: the mask file, the resume point, the MLflow run id), MLflow
+  metrics, and `ray.train.report`, on which Tune's ASHA and Optuna decide.
+
+This module imports neither Ray nor MLflow.
+
+The objective a sweep optimises, and the one number ASHA stops trials on:
+
+    score = max(0, 1 - erasure_rate / base_rate) * preservation
+
+1 = the concept never shows and every other concept is as it was; 0 = nothing erased or
+everything broken. Both parts are reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from erase.config import TrainConfig
+from erase.masks import Masks, save_mask_file
+from erase.train import TrainingStopped, TrainResult, train
+
+SCORE_FORMULA = "max(0, 1 - erasure_rate / base_rate) * preservation"
+MASK_FILE, STATE_FILE, RUN_FILE = "mask.safetensors", "state.pt", "run.json"  # a checkpoint's payload
+
+
+def score(erasure_rate: float, base_rate: float, preservation: float) -> float:
+    """The scalar objective (see the module doc)."""
+    if base_rate <= 0:
+        return 0.0
+    return max(0.0, 1.0 - erasure_rate / base_rate) * preservation
+
+
+@dataclass
+class Report:
+    """One report of a trial: what the recipe logged at `step`, and what was measured then."""
+
+    step: int
+    row: dict  # the recipe's log row: losses and sparsity
+    metrics: dict  # the row's numbers, and with an evaluator the figures and the score
+    masks: Masks
+    resume_point: dict | None  # train()'s TrainState.resume_point() at this step
+    mask_file_meta: dict  # what save_mask_file needs besides the masks: model, sites, concept, threshold
+    final: bool = False
+    status: str = "finished"  # "finished", or "stopped: ..." when the loss turned non-finite
+    figures: dict | None = None  # the evaluator's report
+    results: list[dict] | None = None  # the evaluated rows with their images (final report only)
+    result: TrainResult | None = None  # the run's result (final report only)
+
+    def save_mask(self, path: str, extra: dict) -> dict:
+        return save_mask_file(path, self.masks, **self.mask_file_meta, extra=extra)
+
+    def write_checkpoint(self, folder: str, *, metrics: dict, run_id: str | None, extra: dict) -> None:
+        """The resume point of the trial into `folder`: its mask file, optimizer state and history, and its run."""
+        self.save_mask(os.path.join(folder, MASK_FILE), extra)
+        torch.save(self.resume_point, os.path.join(folder, STATE_FILE))
+        with open(os.path.join(folder, RUN_FILE), "w") as f:
+            json.dump({"mlflow_run_id": run_id, "metrics": metrics}, f)
+
+
+def read_checkpoint(folder: str) -> tuple[dict, dict]:
+    """(resume point, {mlflow_run_id, metrics}) of a checkpoint folder that `Report.write_checkpoint` wrote."""
+    resume = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)  # tensors and containers only
+    with open(os.path.join(folder, RUN_FILE)) as f:
+        return resume, json.load(f)
+
+
+class Reporter(Protocol):
+    def report(self, report: Report) -> None: ...
+
+    def fail(self, error: BaseException) -> None:
+        """The trial raised `error` (it is raised on after this)."""
+
+
+def run_trial(gen, cfg: TrainConfig, erase_prompts: list, neutral_prompts: list, reporter: Reporter, *,
+              evaluator=None, resume: dict | None = None, progress: bool = False) -> TrainResult:
+    """Train with a report every `cfg.log_every` steps and a final one; returns the recipe's result.
+
+    `evaluator`: an erase.evaluate.Evaluator whose rows every report is measured on (a sweep's
+    selection rows), or None to report the training rows alone. `resume`: a resume point from a
+    checkpoint (`read_checkpoint`). A non-finite loss ends the trial with its last good masks
+    (the final report says so in its status); any other error reaches the reporter and is raised.
+    """
+    mask_file_meta = dict(model_id=gen.model_id, model_sites=gen.mask_sites(), concept=cfg.concept,
+                          threshold=cfg.threshold)
+    latest = {"point": resume}
+
+    def make_report(row: dict, masks: Masks, final: bool = False, result: TrainResult | None = None) -> Report:
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        figures = results = None
+        if evaluator is not None:
+            figures, results = evaluator((masks.sites, masks.binary(threshold=cfg.threshold)))
+            metrics.update(trial_figures(figures))
+        metrics["step"] = int(row["step"])
+        return Report(int(row["step"]), row, metrics, masks, latest["point"], mask_file_meta, final=final,
+                      status=result.status if result else "finished", figures=figures,
+                      results=results if final else None, result=result)
+
+    def on_log(row, state) -> None:
+        latest["point"] = state.resume_point()
+        if state.step < cfg.steps:  # the last step is reported once, after training
+            reporter.report(make_report(row, state.masks))
+
+    try:
+        try:
+            result = train(gen, cfg, erase_prompts, neutral_prompts, progress=progress, on_log=on_log, resume=resume)
+        except TrainingStopped as stopped:  # non-finite: the last good masks end the trial, and say so
+            result = stopped.result
+        last = result.history[-1] if result.history else {}
+        reporter.report(make_report({**last, "step": result.steps_done}, result.masks, final=True, result=result))
+    except BaseException as err:
+        reporter.fail(err)
+        raise
+    return result
+
+
+def trial_figures(figures: dict) -> dict:
+    """The numbers a trial reports from an evaluation: erasure, its base rate, preservation, fidelity, score."""
+    value = {key: figures[key]["value"] for key in ("erasure_rate", "base_rate", "preservation", "neutral_fidelity",
+                                                    "rephrase_erasure_rate") if key in figures}
+    value["score"] = score(value["erasure_rate"], value["base_rate"] or 0.0, value["preservation"] or 0.0)
+    return {k: v for k, v in value.items() if v is not None}
+
+
+class LocalReporter:
+    """`erase train`'s reporter: at the end the mask file and its metrics JSON; with an MLflow run
+    (erase.tracking.RunLogger), every row logged to it and the run finished with the mask."""
+
+    def __init__(self, mask_path: str, metrics_path: str, *, model: str, logger=None):
+        self.mask_path, self.metrics_path, self.model, self.logger = mask_path, metrics_path, model, logger
+        self.metrics: dict | None = None  # the run's metrics, once it ended
+
+    def report(self, report: Report) -> None:
+        if self.logger is not None:
+            self.logger.metrics(report.row, step=report.step)
+        if not report.final:
+            return
+        result = report.result
+        metrics = {**result.metrics(), "model": self.model, "concept": result.config.concept,
+                   "mask_file": os.path.abspath(self.mask_path)}
+        extra = {"status": result.status, "steps_done": result.steps_done}
+        if result.learnt_target is not None:
+            extra["learnt_target"] = result.learnt_target
+        report.save_mask(self.mask_path, extra)
+        with open(self.metrics_path, "w") as f:
+            json.dump(metrics, f, indent=2)
+        if self.logger is not None:
+            self.logger.metrics({"sparsity": metrics["sparsity"]["overall"]}, step=result.steps_done)
+            self.logger.finish(self.mask_path, metrics, status="FINISHED" if result.status == "finished" else "FAILED")
+            metrics["mlflow_run_id"] = self.logger.run_id
+        self.metrics = metrics
+
+    def fail(self, error: BaseException) -> None:
+        if self.logger is not None:
+            self.logger.fail(f"{type(error).__name__}: {error}")

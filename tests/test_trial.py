@@ -1,0 +1,83 @@
+"""A trial without Ray: reports at the recipe's log steps, one final report, checkpoints that resume, failures reported."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from erase.config import TrainConfig
+from erase.evaluate import Evaluator, rows_from_sets
+from erase.trial import LocalReporter, read_checkpoint, run_trial
+
+CAT, NEUTRAL = ["a photo of a cat", "a cat on a sofa"], ["a bowl of fruit", "a red car"]
+
+
+class Recorder:
+    def __init__(self):
+        self.reports, self.failures = [], []
+
+    def report(self, report):
+        self.reports.append(report)
+
+    def fail(self, error):
+        self.failures.append(error)
+
+
+def test_a_trial_reports_every_log_step_once_and_the_end_once(tiny):
+    cfg = TrainConfig(concept="cat", steps=6, batch_size=1, log_every=2, sampling_steps=2)
+    rows = rows_from_sets({"concept": {"circle": ["a circle"], "square": ["a square"]}}, seeds_per_prompt=2)
+    evaluator = Evaluator(tiny, {"name": "toy"}, rows, concept="circle")  # flux-tiny draws 16x16, as the toy world
+    recorder = Recorder()
+    result = run_trial(tiny, cfg, CAT, NEUTRAL, recorder, evaluator=evaluator)
+    assert [(r.step, r.final) for r in recorder.reports] == [(2, False), (4, False), (6, True)]
+    final = recorder.reports[-1]
+    assert final.status == "finished" and final.result is result and final.results and not recorder.reports[0].results
+    for report in recorder.reports:
+        assert {"loss", "sparsity", "erasure_rate", "base_rate", "score", "step"} <= set(report.metrics)
+        assert 0.0 <= report.metrics["score"] <= 1.0 and report.metrics["step"] == report.step
+    assert recorder.reports[0].resume_point["step"] == 2 and final.resume_point["step"] == 6
+    assert not recorder.failures
+
+
+def test_a_checkpoint_resumes_the_trial_where_it_was(tiny, tmp_path):
+    cfg = TrainConfig(concept="cat", steps=4, batch_size=1, log_every=2, sampling_steps=2)
+    recorder = Recorder()
+    run_trial(tiny, dataclasses.replace(cfg, steps=2), CAT, NEUTRAL, recorder)
+    first = recorder.reports[-1]
+    first.write_checkpoint(str(tmp_path), metrics=first.metrics, run_id="run-1", extra={"step": first.step})
+    resume, saved = read_checkpoint(str(tmp_path))
+    assert saved == {"mlflow_run_id": "run-1", "metrics": first.metrics}
+    assert all(torch.equal(resume["logits"][k], v) for k, v in first.masks.snapshot().items())
+    resumed = Recorder()
+    result = run_trial(tiny, cfg, CAT, NEUTRAL, resumed, resume=resume)
+    assert [r.step for r in resumed.reports] == [4] and result.steps_done == 4
+    assert [row["step"] for row in result.history] == [2, 4]  # the first run's row, then the resumed one's
+
+
+def test_a_failing_trial_tells_its_reporter_and_raises(tiny, monkeypatch):
+    def broken(self, x, sigma, cond):
+        raise RuntimeError("the GPU fell off")
+
+    monkeypatch.setattr(type(tiny), "velocity", broken)
+    recorder = Recorder()
+    with pytest.raises(RuntimeError, match="fell off"):
+        run_trial(tiny, TrainConfig(concept="cat", steps=2, batch_size=1), CAT, NEUTRAL, recorder)
+    assert [str(e) for e in recorder.failures] == ["the GPU fell off"] and not recorder.reports
+
+
+def test_a_non_finite_loss_ends_the_trial_with_its_last_good_masks(tiny, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    velocity = type(tiny).velocity
+
+    def flaky(self, x, sigma, cond):
+        calls["n"] += 1
+        out = velocity(self, x, sigma, cond)
+        return out * float("nan") if calls["n"] > 30 else out
+
+    monkeypatch.setattr(type(tiny), "velocity", flaky)
+    mask, metrics = tmp_path / "m.safetensors", tmp_path / "m.json"
+    reporter = LocalReporter(str(mask), str(metrics), model="flux-tiny")
+    result = run_trial(tiny, TrainConfig(concept="cat", steps=20, batch_size=1, log_every=1, sampling_steps=2),
+                       CAT, NEUTRAL, reporter)
+    assert result.status.startswith("stopped: non-finite loss") and 0 < result.steps_done < 20
+    assert mask.exists() and reporter.metrics["status"] == result.status and result.masks.is_finite()
