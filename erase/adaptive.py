@@ -60,8 +60,11 @@ def read_vocabulary(source: str | list[str] | None, model: str, concept: str) ->
                               "(one concept per line) or a comma-separated list")
         words = default(concept)
     elif os.path.isfile(source):
-        with open(source, encoding="utf-8") as f:
-            words = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        try:
+            with open(source, encoding="utf-8") as f:
+                words = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except UnicodeDecodeError as err:
+            raise PromptError(f"vocabulary file {source!r} is not UTF-8 text ({err}); save it as UTF-8") from None
     else:
         words = [w.strip() for w in source.split(",") if w.strip()]
     words = [w for w in dict.fromkeys(words) if w != concept]

@@ -57,7 +57,8 @@ def measure_row(model: str, steps: int, checkpointing: bool, *, batch_size: int 
     gen = load_generator(model, model_path, device=device)
     cfg = resolve(model, "bench", flags={"sites": tuple(sites), "steps": 1 + repeats, "batch_size": batch_size,
                                          "sampling_steps": steps, "checkpointing": checkpointing, "log_every": 1,
-                                         "lr_attn": 0.5 if "attn" in sites else 0.0})
+                                         "lr_attn": 0.5 if "attn" in sites else 0.0,
+                                         "noises_per_prompt": 1})  # one noise: later steps reuse cached targets
     marks: list[float] = []
     baseline: list[float] = []
 
@@ -188,6 +189,21 @@ def graph_neighbours(concept: str, path: str | None = None, model: str = "toy", 
     return nearest_neighbours(delta, concept, n)
 
 
+def toy_erasure(concept: str, seeds_per_prompt: int):
+    """What the toy benchmarks erase with: the generator, the concept's prompt sets, and an Evaluator
+    on the toy world's evaluation rows (`seeds_per_prompt` each) with its own detector."""
+    from erase.evaluate import Evaluator, evaluation_rows
+    from erase.pipelines import load_generator
+    from erase.pipelines import model as model_entry
+    from erase.prompts import prompt_sets
+
+    erase_prompts, neutral = prompt_sets("toy", concept)  # a concept of the toy world, or a clear error
+    gen = load_generator("toy")
+    evaluator = Evaluator(gen, model_entry("toy").detector, evaluation_rows("toy", concept, seeds_per_prompt),
+                          concept=concept)
+    return gen, erase_prompts, neutral, evaluator
+
+
 def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, beta: float | None = None,
                     seed: int = 0, seeds_per_prompt: int = 4, substitute_phrase: str = "shape",
                     strategies=("empty", "substitute", "adaptive"), match: bool = False, level: float | None = None,
@@ -202,16 +218,9 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     first β, the level that matters for erasure. The run closest to the level is reported and
     every run is listed; a strategy that cannot reach the level shows it in its runs.
     """
-    from erase.evaluate import Evaluator, evaluation_rows
-    from erase.pipelines import load_generator
-    from erase.pipelines import model as model_entry
-    from erase.prompts import prompt_sets
     from erase.train import train
 
-    gen = load_generator("toy")
-    erase_prompts, neutral = prompt_sets("toy", concept)
-    evaluator = Evaluator(gen, model_entry("toy").detector, evaluation_rows("toy", concept, seeds_per_prompt),
-                          concept=concept)
+    gen, erase_prompts, neutral, evaluator = toy_erasure(concept, seeds_per_prompt)
     # the recipe's settings for this concept, as `erase train` would use them: its β, its noises per
     # prompt and, for a colour or style, its substitution (the word dropped) instead of `substitute_phrase`
     beta = default_value("toy", "beta", concept) if beta is None else beta
@@ -312,17 +321,10 @@ def compare_search(concept: str, *, steps: int = 100, lrs=(0.5, 1.0), trials: in
 
 def _grid_runs(concept: str, betas: list[float], lrs, steps: int, progress: bool) -> list[dict]:
     """One erasure per (β, learning rate) of the grid, each scored on the sweep's evaluation rows."""
-    from erase.evaluate import Evaluator, evaluation_rows
-    from erase.pipelines import load_generator
-    from erase.pipelines import model as model_entry
-    from erase.prompts import prompt_sets
     from erase.train import train
     from erase.trial import trial_figures
 
-    erase_prompts, neutral = prompt_sets("toy", concept)  # a concept of the toy world, or a clear error
-    gen = load_generator("toy")
-    evaluator = Evaluator(gen, model_entry("toy").detector, evaluation_rows("toy", concept, seeds_per_prompt=1),
-                          concept=concept)  # the sweep's evaluation rows
+    gen, erase_prompts, neutral, evaluator = toy_erasure(concept, seeds_per_prompt=1)  # the sweep's evaluation rows
     grid = []
     for beta in betas:
         for lr in lrs:
@@ -355,7 +357,7 @@ def _sweep_in_the_grids_box(concept: str, betas: list[float], lrs, steps: int, t
     grace = max(1, steps // 5)
     try:
         specs = plan("toy", [concept], f.name, trials, storage, tracking_uri=tracking_uri, report_every=grace,
-                     grace_steps=grace, detector={"name": "toy"})
+                     grace_steps=grace)
         (summary,) = run_sweep(specs, on_progress=on_progress)
     finally:
         os.unlink(f.name)

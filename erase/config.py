@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 
 from erase.errors import EraseError
+from erase.masks import PARAMETRISATIONS
 from erase.pipelines import SITE_GROUPS
 
 TARGETS = ("empty", "substitute", "adaptive")
 OPTIMIZERS = ("adam", "adamw")
-PARAMETRISATIONS = ("hard_concrete", "sigmoid", "binary")
 MAX_NOISES_PER_PROMPT = 64
 
 
@@ -70,8 +71,8 @@ class TrainConfig:
     adaptive_lr: float = setting(1e-2, "adaptive: learning rate of the candidates' logits")
     adaptive_lambda: float = setting(1.0, "adaptive: weight of the target's preservation term")
     vocabulary: str | None = setting(None, "adaptive: candidate concepts, a file (one per line) or a comma-separated "
-                                     "list", default_text="the model's own; toy: the other concepts of the erased "
-                                     "one's group")
+                                     "list", default_text="the model's own, where it has one (toy: the other "
+                                     "concepts of the erased one's group; FLUX.1 has none, pass it)")
     beta: float = setting(0.01, "weight of the preservation term (smaller: stronger erasure)")
     lr_ffn: float = setting(0.5, "learning rate of the FFN masks' logits")
     lr_norm: float = setting(0.5, "learning rate of the text-stream modulation (norm) masks' logits")
@@ -138,6 +139,7 @@ SETTINGS = tuple(name for name in FIELDS if name not in ("concept", "log_every")
 FILE_KEYS = SETTINGS + ("recipe",)
 NOT_SEARCHABLE = ("seed", "noises_per_prompt")  # they define the prompt streams, which a study builds once
 _DEFAULTS = TrainConfig(concept="")
+_HINTS = typing.get_type_hints(TrainConfig)
 
 
 # ---------------------------------------------------------------- resolution
@@ -149,33 +151,53 @@ def resolve(model: str, concept: str, *, fixed: dict | None = None, sampled: dic
 
     `fixed`: a config file's or a space's fixed settings (`fixed_from` names them in errors);
     `sampled`: a trial's draw; `flags`: what the user (or a calling program) set explicitly,
-    which may also set `log_every`. A named recipe comes from `recipe` in `flags` or `fixed`.
+    which may also set `log_every`. A named recipe comes from `recipe` in `flags`, else in `fixed`.
     Substitutions serve the substitute target only: for any other target they are dropped.
     """
     from erase.pipelines import model as model_entry
 
-    entry = model_entry(model)
     fixed, sampled, flags = dict(fixed or {}), dict(sampled or {}), dict(flags or {})
-    recipe = flags.pop("recipe", None) or fixed.pop("recipe", None)
-    layers = [(f"{model}'s recipe defaults", entry.recipe_defaults(concept), SETTINGS)]
+    flag_recipe, file_recipe = flags.pop("recipe", None), fixed.pop("recipe", None)
+    recipe = flag_recipe or file_recipe
+    values = checked(model_entry(model).recipe_defaults(concept), f"{model}'s recipe defaults")
     if recipe is not None:
-        if recipe not in entry.recipes:
-            known = ", ".join(entry.recipes) or "none"
-            raise ConfigError(f"{model} has no recipe {recipe!r}; its recipes: {known}")
-        layers.append((f"recipe {recipe!r} of {model}", entry.recipes[recipe], SETTINGS))
-    layers += [(fixed_from, fixed, SETTINGS), ("the sampled values", sampled, SETTINGS),
-               ("the flags", flags, SETTINGS + ("log_every",))]
-    values = {}
-    for where, layer, allowed in layers:
-        for key, value in layer.items():
-            if key not in allowed:
-                raise ConfigError(f"{where}: {key!r} is not a setting of a run; settings: {', '.join(allowed)}")
-            values[key] = coerce(key, value, where)
+        values.update(checked(recipe_settings(model, recipe), f"recipe {recipe!r} of {model}"))
+    values.update(checked(fixed, fixed_from))
+    values.update(checked(sampled, "the sampled values"))
+    values.update(checked(flags, "the flags", SETTINGS + ("log_every",)))
     if values.get("target", TrainConfig.target) != "substitute":
         values["substitutions"] = {}
     cfg = TrainConfig(concept=concept, **values)
     cfg.validate()
     return cfg
+
+
+def check_settings(model: str, settings: dict, where: str) -> None:
+    """What can be checked of one layer alone (a space's fixed settings before any trial draws the
+    rest): every key a setting, every value of its type, a named recipe one the model has."""
+    settings = dict(settings)
+    if "recipe" in settings:
+        recipe_settings(model, settings.pop("recipe"))
+    checked(settings, where)
+
+
+def recipe_settings(model: str, name: str) -> dict:
+    from erase.pipelines import model as model_entry
+
+    recipes = model_entry(model).recipes
+    if name not in recipes:
+        raise ConfigError(f"{model} has no recipe {name!r}; its recipes: {', '.join(recipes) or 'none'}")
+    return recipes[name]
+
+
+def checked(layer: dict, where: str, allowed: tuple[str, ...] = SETTINGS) -> dict:
+    """A layer's values as TrainConfig takes them; an unknown key or a wrong type names `where` it came from."""
+    values = {}
+    for key, value in layer.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: {key!r} is not a setting of a run; settings: {', '.join(allowed)}")
+        values[key] = coerce(key, value, where)
+    return values
 
 
 def default_value(model: str, key: str, concept: str | None = None):
@@ -203,33 +225,42 @@ def read_config_file(path: str) -> dict:
     return raw
 
 
+def kind_of(key: str) -> tuple[type, bool]:
+    """The type of the TrainConfig field `key` (int, float, bool, str, tuple or dict) and whether it may be None."""
+    hint = _HINTS[key]
+    optional = type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint, optional
+
+
 def coerce(key: str, value, where: str):
     """`value` as the type of the TrainConfig field `key`, or a ConfigError that names `where` it came from."""
-    kind = FIELDS[key].type.replace(" | None", "")
-    if value is None and "None" in FIELDS[key].type:
+    kind, optional = kind_of(key)
+    if value is None and optional:
         return None
     try:
-        if kind == "bool" and isinstance(value, bool) or kind == "str" and isinstance(value, str):
+        if kind in (bool, str) and isinstance(value, kind):
             return value
-        if kind == "bool" and type(value).__name__ == "bool_":  # numpy's, from a sampler
+        if kind is bool and type(value).__name__ == "bool_":  # numpy's, from a sampler
             return bool(value)
-        if kind in ("int", "float") and not isinstance(value, (bool, str, dict, list, tuple)):
+        if kind in (int, float) and not isinstance(value, (bool, str, dict, list, tuple)):
             number = float(value)
-            if kind == "float":
+            if kind is float:
                 return number
             if number == int(number):
                 return int(number)
-        if kind == "float" and isinstance(value, str):
+        if kind is float and isinstance(value, str):
             return float(value)  # YAML reads 1e-5 (no dot) as a string
-        if kind == "tuple[str, ...]" and isinstance(value, (str, list, tuple)):
+        if kind is tuple and isinstance(value, (str, list, tuple)):
             parts = value.split(",") if isinstance(value, str) else value
             return tuple(str(p).strip() for p in parts if str(p).strip())
-        if kind == "dict[str, str]" and isinstance(value, dict):
+        if kind is dict and isinstance(value, dict):
             return {str(k): "" if v is None else str(v) for k, v in value.items()}
     except (TypeError, ValueError):
         pass
-    wanted = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string",
-              "tuple[str, ...]": "a comma-separated list", "dict[str, str]": "a mapping OLD: NEW"}[kind]
+    wanted = {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
+              tuple: "a comma-separated list", dict: "a mapping OLD: NEW"}[kind]
     raise ConfigError(f"{where}: {key!r} must be {wanted}, got {value!r}")
 
 
@@ -245,13 +276,13 @@ def add_flags(parser) -> None:
     for name in SETTINGS:
         meta = FIELDS[name].metadata
         kwargs = {"dest": name, "default": None, "help": help_text(name)}
-        if FIELDS[name].type == "bool":
+        kind, _ = kind_of(name)
+        if kind is bool:
             kwargs.update(action="store_const", const=not FIELDS[name].default)
         elif meta.get("append"):
             kwargs.update(action="append", metavar=meta.get("metavar"))
         else:
-            kind = FIELDS[name].type.replace(" | None", "")
-            kwargs.update(type=meta.get("parse") or {"int": int, "float": float}.get(kind, str),
+            kwargs.update(type=meta.get("parse") or (kind if kind in (int, float) else str),
                           choices=meta.get("choices"), metavar=meta.get("metavar"))
         parser.add_argument(meta.get("flag") or "--" + name.replace("_", "-"), **kwargs)
 

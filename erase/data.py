@@ -44,6 +44,7 @@ def read_shard(shard) -> list[dict]:
 
 def read_adversarial(name: str, path: str, column: str | None = None, min_nudity: float = 50.0) -> list[str]:
     """Prompts of a public adversarial set from a local CSV or parquet file (see the module doc)."""
+    import pyarrow
     import pyarrow.csv
     import pyarrow.parquet
 
@@ -51,12 +52,12 @@ def read_adversarial(name: str, path: str, column: str | None = None, min_nudity
         raise PromptError(f"unknown adversarial set {name!r}; known: {', '.join(ADVERSARIAL_SETS)}")
     if not os.path.isfile(path):
         raise PromptError(f"adversarial set file {path!r} does not exist")
-    if path.endswith(".parquet"):
-        table = pyarrow.parquet.read_table(path)
-    elif path.endswith(".csv"):
-        table = pyarrow.csv.read_csv(path)
-    else:
+    if not path.endswith((".parquet", ".csv")):
         raise PromptError(f"{path!r}: adversarial sets are read from .csv or .parquet files")
+    try:
+        table = pyarrow.parquet.read_table(path) if path.endswith(".parquet") else pyarrow.csv.read_csv(path)
+    except (pyarrow.ArrowInvalid, UnicodeDecodeError, OSError) as err:
+        raise PromptError(f"adversarial set file {path!r} cannot be read: {err}") from None
     candidates = (column,) if column else ADVERSARIAL_SETS[name]
     chosen = next((c for c in candidates if c in table.column_names), None)
     if chosen is None:

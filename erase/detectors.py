@@ -248,7 +248,7 @@ def detector_spec(model: str, name: str | None = None, config_file: str | None =
         try:
             with open(config_file, encoding="utf-8") as f:
                 spec.update(yaml.safe_load(f) or {})
-        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as err:
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError, TypeError) as err:
             raise DetectorError(f"detector config {config_file}: not a YAML mapping of options: {err}") from None
     if spec["name"] == "toy" and model_path:
         spec.setdefault("model_path", model_path)

@@ -24,8 +24,10 @@ images for preservation, normal for means):
 - clip_score (with a CLIP detector) and fid (with Inception weights), else a note saying why not.
 
 Generation and detection are two stages, `GenerateStage` and `DetectStage`, callables on
-batches of rows; `erase.data.run_eval_stages` runs them in this process or as Ray Data actor
-pools on a cluster. This module imports neither Ray nor MLflow.
+batches of rows: `evaluate` runs them in this process, `erase.data.run_eval_stages` as Ray Data
+actor pools on a cluster. `Evaluator` is the one way to evaluate masks held in memory (a
+trial's reports, the benchmarks, the concept graph): it keeps the base model's images across
+calls. This module imports neither Ray nor MLflow.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from tqdm import tqdm
 
 from erase.errors import EraseError
 from erase.masks import MaskHooks
+from erase.pipelines import DEFAULT_MODEL
 from erase.sampler import sample
 
 Z95 = 1.959964
@@ -123,18 +126,17 @@ class GenerateStage:
     Base images are cached per (prompt, seed): the base model never changes.
     """
 
-    def __init__(self, model: str = "toy", model_path: str | None = None, mask: str | None = None,
+    def __init__(self, model: str = DEFAULT_MODEL, model_path: str | None = None, mask: str | None = None,
                  device: str = "cpu", dtype: str = "fp32", guidance: float | None = None, steps: int | None = None,
                  *, gen=None, masks: tuple | None = None):
-        from erase.masks import binary_from_file_meta, load_mask_file
+        from erase.masks import load_binary_masks
         from erase.pipelines import load_generator
 
         self.gen = gen or load_generator(model, model_path, dtype=dtype, device=device, guidance=guidance)
         self.steps = steps
         self.use_masks(masks)
         if mask is not None:
-            loaded, meta = load_mask_file(mask, self.gen.mask_sites(), model)
-            self.use_masks((loaded.sites, binary_from_file_meta(loaded, meta)))
+            self.use_masks(load_binary_masks(mask, self.gen.mask_sites(), model)[0])
         self.base_cache: dict[tuple[str, int], np.ndarray] = {}
 
     def use_masks(self, masks: tuple | None) -> None:
@@ -469,11 +471,11 @@ def _json(value) -> str:
 class EvalSettings:
     """Everything an evaluation needs, as plain values (Ray actors rebuild their stages from it)."""
 
-    model: str = "toy"
+    model: str = DEFAULT_MODEL
     model_path: str | None = None
     mask: str | None = None
     concept: str | None = None
-    detector: dict = dataclasses.field(default_factory=lambda: {"name": "toy"})
+    detector: dict | None = dataclasses.field(default_factory=lambda: {"name": "toy"})  # the toy world's CNN
     device: str = "cpu"
     dtype: str = "fp32"
     guidance: float | None = None

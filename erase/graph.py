@@ -83,7 +83,7 @@ def measure(model: str, mask_files: dict[str, str], rows: list[dict], detector: 
     """Detection rates of every concept: the base model's on all rows; then for each erased concept,
     base and masked on `rows_for_side_effects` (same seeds)."""
     from erase.evaluate import Evaluator
-    from erase.masks import binary_from_file_meta, load_mask_file
+    from erase.masks import load_binary_masks
     from erase.pipelines import load_generator
 
     gen = load_generator(model, model_path, device=device)
@@ -91,15 +91,16 @@ def measure(model: str, mask_files: dict[str, str], rows: list[dict], detector: 
     base = evaluator(None)[0]["detection"]
     base_by_erased, erased = {}, {}
     for concept, path in mask_files.items():
-        masks, meta = load_mask_file(path, gen.mask_sites(), model)
-        measured, _ = evaluator((masks.sites, binary_from_file_meta(masks, meta)), rows_for_side_effects(rows, concept))
+        masks, _ = load_binary_masks(path, gen.mask_sites(), model)
+        measured, _ = evaluator(masks, rows_for_side_effects(rows, concept))
         base_by_erased[concept], erased[concept] = measured["base_detection"], measured["detection"]
     return base, base_by_erased, erased
 
 
 def plan(model: str, concepts: list[str], *, space: str, storage: str, tracking_uri: str | None = None,
-         model_path: str | None = None) -> list:
-    """The graph's sweep: one study per concept (the model's graph concepts by default), one trial each."""
+         model_path: str | None = None, seeds_per_prompt: int = 2) -> list:
+    """The graph's sweep: one study per concept (the model's graph concepts by default), one trial each.
+    Everything `run` will need is checked here, before any erasure."""
     from erase.pipelines import model as model_entry
     from erase.sweep import plan as plan_sweep
 
@@ -110,6 +111,8 @@ def plan(model: str, concepts: list[str], *, space: str, storage: str, tracking_
     concepts = concepts or list(entry.graph_concepts)
     if len(concepts) < 2:
         raise EraseError("a concept graph needs at least two concepts")
+    if seeds_per_prompt < 1:
+        raise EraseError(f"--seeds-per-prompt must be at least 1, got {seeds_per_prompt}")
     return plan_sweep(model, concepts, space, 1, storage, model_path=model_path, tracking_uri=tracking_uri,
                       report_every=1000, detector=entry.detector)
 
@@ -135,15 +138,20 @@ def run(specs: list, *, seeds_per_prompt: int, out_dir: str, address: str | None
               "base_detection_without_erased": base_by_erased, "detection_after": erased, "delta": delta,
               "masks": masks, "seeds_per_prompt": seeds_per_prompt,
               "neighbours": {c: nearest_neighbours(delta, c) for c in concepts}}
+    write_graph(result, out_dir)
+    return result
+
+
+def write_graph(result: dict, out_dir: str) -> None:
+    """graph.json (all of `result`), graph.md (the table) and graph.png (the heatmap) in `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "graph.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(out_dir, "graph.md"), "w") as f:
         f.write(f"Side effect Δ(erased, measured) = base detection - detection after erasure, on the measured "
-                f"concept's prompts that do not name the erased one (sweep {sweep_id}, {seeds_per_prompt} seeds "
-                f"per prompt)\n\n{markdown_table(delta)}\n")
-    heatmap(delta, os.path.join(out_dir, "graph.png"))
-    return result
+                f"concept's prompts that do not name the erased one (sweep {result['sweep_id']}, "
+                f"{result['seeds_per_prompt']} seeds per prompt)\n\n{markdown_table(result['delta'])}\n")
+    heatmap(result["delta"], os.path.join(out_dir, "graph.png"))
 
 
 def read_graph(path: str) -> dict[str, dict[str, float]]:

@@ -406,10 +406,12 @@ def _first_difference(logits: dict[str, torch.Tensor], by_name: dict[str, MaskSi
     return "the site lists differ outside the masked sites"
 
 
-def binary_from_file_meta(masks: Masks, meta: dict) -> dict[str, torch.Tensor]:
-    """Binarise loaded logits the way the file says."""
+def load_binary_masks(path: str, model_sites: list[MaskSite], model_id: str = "the model") -> tuple[tuple, dict]:
+    """A mask file as inference uses it: ((sites, {site: 0/1}), metadata), binarised the way the file says."""
+    masks, meta = load_mask_file(path, model_sites, model_id)
     keep = float(meta["keep"]) if meta.get("keep") else None
-    return masks.binary(threshold=float(meta["threshold"]), scope=meta.get("scope", "threshold"), keep=keep)
+    binary = masks.binary(threshold=float(meta["threshold"]), scope=meta.get("scope", "threshold"), keep=keep)
+    return (masks.sites, binary), meta
 
 
 def site_summary(sites: list[MaskSite]) -> dict:

@@ -249,15 +249,15 @@ def load_masks(uris: list[str], model: str) -> tuple[list, dict, list[dict]]:
     """Fetch and check masks (files, models:/ or runs:/ URIs) for `model`, and combine them: a unit stays
     only if every mask keeps it. Returns (sites, combined binary masks, what each mask was). No weights
     are needed: the fingerprint is checked against the architecture built on the meta device."""
-    from erase.masks import binary_from_file_meta, combine_binary, load_mask_file
+    from erase.masks import combine_binary, load_binary_masks
     from erase.pipelines import mask_sites
 
     sites = mask_sites(model)
     loaded, applied = [], []
     for uri in uris:
         path, provenance = fetch_mask(uri)
-        masks, meta = load_mask_file(path, sites, model)
-        loaded.append((masks.sites, binary_from_file_meta(masks, meta)))
+        masks, meta = load_binary_masks(path, sites, model)
+        loaded.append(masks)
         applied.append({"uri": uri, "concept": meta["concept"], **provenance})
     combined_sites, combined = combine_binary(loaded)
     return combined_sites, combined, applied

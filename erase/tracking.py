@@ -84,6 +84,13 @@ def connect(uri: str | None = None) -> str:
     return uri
 
 
+def connect_for(refs: list[str], uri: str | None = None) -> None:
+    """Connect when a tracking URI is given or a mask reference is a registry or run URI (a plain
+    file needs no MLflow, and a read of one creates no store)."""
+    if uri or any(ref.startswith(("models:/", "runs:/")) for ref in refs):
+        connect(uri)
+
+
 def _check_server(uri: str, timeout: float = 5.0) -> None:
     import urllib.error
     import urllib.request

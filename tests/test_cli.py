@@ -78,6 +78,11 @@ def test_nan_loss_exits_nonzero_and_keeps_the_last_good_mask(tmp_path, capsys, m
     (["train", "--model", "flux-tiny", "--concept", "cat", "--out", "/no/dir/m.safetensors"],
      "output folder '/no/dir' does not exist"),
     (["masks", "inspect", "/no/mask.safetensors"], "does not exist"),
+    (["eval", "--concept", "circle", "--out", "/no/dir/report.json"], "output folder '/no/dir' does not exist"),
+    (["masks", "apply", "/no/mask.safetensors", "--prompt", "a circle", "--out", "/no/dir/x.png"],
+     "output folder '/no/dir' does not exist"),
+    (["train", "--model", "flux-tiny", "--concept", "cat", "--metrics", "/no/dir/m.json"],
+     "output folder '/no/dir' does not exist"),
     (["bench", "--targets", "cross", "--erasure-level", "0.05"], "--erasure-level is the rate --match-erasure matches"),
     (["bench", "--targets", "cross", "--match-erasure", "--erasure-level", "5"], "(5% is 0.05)"),
 ])

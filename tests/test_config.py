@@ -106,3 +106,9 @@ def test_train_takes_a_config_file_with_the_keys_of_a_spaces_fixed(tmp_path, cap
     code = main(["train", "--model", "flux-tiny", "--concept", "cat", "--config", str(settings), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and f"config file {settings}: 'betta' is not a setting of a run" in err
+
+
+def test_a_recipe_named_by_the_flags_wins_over_the_files_without_an_error(layered):
+    layered.recipes["slow"] = {"steps": 9}
+    cfg = resolve("layered", "cat", fixed={"recipe": "quick", "lr_ffn": 0.45}, flags={"recipe": "slow"})
+    assert cfg.steps == 9 and cfg.lr_ffn == 0.45

@@ -193,3 +193,27 @@ def test_small_sweeps_leave_tpes_random_start_after_a_third_of_their_trials():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     assert first_draws(sampler("striped", 6)) == first_draws(sampler("striped", 6))  # seeded
     assert first_draws(sampler("striped", 6)) != first_draws(sampler("outlined", 6))  # a seed per concept
+
+
+def test_plan_checks_each_fixed_value_but_leaves_the_settings_as_a_whole_to_each_trial(tmp_path):
+    # attention alone is fixed and its learning rate searched: valid, though the fixed part alone has lr 0
+    space = tmp_path / "attn.yaml"
+    space.write_text("fixed: {sites: attn}\nsearch:\n  lr_attn: {distribution: loguniform, low: 0.1, high: 1.0}\n")
+    (spec,) = plan("toy", ["circle"], str(space), 2, str(tmp_path / "s"))
+    assert spec.detector == {"name": "toy"}  # the model's own detector when none is given
+    space.write_text("fixed: {steps: many}\nsearch:\n  beta: {distribution: loguniform, low: 0.1, high: 1.0}\n")
+    with pytest.raises(EraseError, match="fixed: 'steps' must be a whole number, got 'many'"):
+        plan("toy", ["circle"], str(space), 2, str(tmp_path / "s"))
+    with pytest.raises(SweepError, match="no detector of its own"):
+        plan("flux-tiny", ["cat"], "default", 2, str(tmp_path / "s"))
+
+
+def test_a_study_spec_written_by_an_older_version_still_resumes(tmp_path):
+    from erase.sweep import StudySpec
+
+    saved = tmp_path / "spec.json"
+    saved.write_text(json.dumps({"sweep_id": "s", "concept": "circle", "fail_once_at_step": None}))
+    assert StudySpec.read(str(saved)) == StudySpec(sweep_id="s", concept="circle")
+    saved.write_text(json.dumps({"sweep_id": "s", "concept": "circle", "gpus_per_trial": 2}))
+    with pytest.raises(SweepError, match="does not know \\(gpus_per_trial\\)"):
+        StudySpec.read(str(saved))

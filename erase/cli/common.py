@@ -15,7 +15,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default:" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if ("default:" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
             return text
         return f"{text} (default: {action.default})" if text else f"(default: {action.default})"
 
@@ -39,9 +40,12 @@ def add_model_args(p: argparse.ArgumentParser, *, path: bool = True, default: st
                        "(default: download from the hub for real checkpoints; random configs need none)")
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (mask logits stay fp32)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+def add_run_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+    from erase.pipelines import DTYPES
+
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (mask logits stay fp32)")
+    if device:
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     p.add_argument("--guidance", type=float, help="guidance scale: classifier-free for the toy world, embedded "
                    "for FLUX.1-dev (default: the model's)")
 
@@ -51,6 +55,19 @@ def add_detector_args(p: argparse.ArgumentParser, what: str) -> None:
                    "own, the toy world's CNN; required for FLUX.1)")
     p.add_argument("--detector-config", metavar="YAML", help="detector options: nudenet {classes: nine|strict|[labels], "
                    "threshold}; clip {model: DIR, labels: {concept: text}, threshold, template}")
+
+
+def output_path(path: str | None, flag: str) -> str | None:
+    """`path` if a file can be written there (its folder exists), checked before any heavy work."""
+    from erase.errors import EraseError
+
+    if path is not None:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise EraseError(f"output folder {folder!r} does not exist; create it or choose another {flag}")
+        if os.path.isdir(path):
+            raise EraseError(f"{flag} {path!r} is a folder; name a file")
+    return path
 
 
 def comma_list(text: str | None) -> list[str]:

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import json
 
-from erase.cli.common import add_detector_args, add_model_args, add_parser, add_run_args, figure, ray_output_off_stdout
+from erase.cli.common import (
+    add_detector_args,
+    add_model_args,
+    add_parser,
+    add_run_args,
+    figure,
+    output_path,
+    ray_output_off_stdout,
+)
 
 
 def add(subparsers) -> None:
@@ -54,6 +62,8 @@ def add(subparsers) -> None:
 def run(args) -> int:
     from erase.tracking import log_evaluation
 
+    for path, flag in ((args.out, "--out"), (args.grid, "--grid"), (args.report, "--report")):
+        output_path(path, flag)
     settings, provenance = _settings(args)
     report, results = _evaluate(args, settings, _rows(args, settings.concept))
     attack_images = report.pop("_attack_images", None)
@@ -81,11 +91,10 @@ def _settings(args):
 
     mask_path, provenance, concept = None, None, args.concept
     if args.mask:
-        if args.tracking_uri or args.mask.startswith(("models:/", "runs:/")):
-            from erase.tracking import connect
-
-            connect(args.tracking_uri)
         from erase.registry import fetch_mask
+        from erase.tracking import connect_for
+
+        connect_for([args.mask], args.tracking_uri)
 
         mask_path, provenance = fetch_mask(args.mask)
         concept = concept or read_mask_metadata(mask_path)["concept"]

@@ -31,7 +31,8 @@ def run(args) -> int:
     from erase import graph
 
     specs = graph.plan(args.model, comma_list(args.concepts), space=args.space, storage=args.storage,
-                       tracking_uri=args.tracking_uri, model_path=args.model_path)
+                       tracking_uri=args.tracking_uri, model_path=args.model_path,
+                       seeds_per_prompt=args.seeds_per_prompt)
     if not args.json:
         print(f"concept graph {specs[0].sweep_id}: erasing {', '.join(s.concept for s in specs)} (space {args.space})",
               flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from erase.cli.common import add_model_args, add_parser, add_run_args, comma_list
+from erase.cli.common import add_model_args, add_parser, add_run_args, comma_list, output_path
 
 REGISTRY_URI_HELP = "MLflow tracking/registry URI (default: sqlite:///./mlflow.db)"
 
@@ -114,7 +114,7 @@ def run_apply(args) -> int:
     from erase.masks import fold_into_weights
     from erase.pipelines import load_generator
     from erase.registry import load_masks
-    from erase.tracking import connect
+    from erase.tracking import connect_for
 
     try:
         seeds = [int(s) for s in comma_list(args.seeds)]
@@ -122,8 +122,8 @@ def run_apply(args) -> int:
         seeds = []
     if not seeds:
         raise EraseError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
-    if args.tracking_uri or any(uri.startswith(("models:/", "runs:/")) for uri in args.masks):
-        connect(args.tracking_uri)
+    output_path(args.out, "--out")
+    connect_for(args.masks, args.tracking_uri)
     sites, combined, applied = load_masks(args.masks, args.model)
     gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
     prompts = [p for p in args.prompt for _ in seeds]
@@ -176,6 +176,7 @@ def run_import(args) -> int:
     from erase.pipelines import mask_sites
     from erase.reference import read_reference_masks
 
+    output_path(args.out, "--out")
     sites = mask_sites(args.model)
     masks = read_reference_masks(args.folder, sites)
     meta = save_mask_file(args.out, masks, model_id=args.model, model_sites=sites, concept=args.concept,

@@ -17,6 +17,7 @@ from erase.cli.common import (
     add_detector_args,
     add_model_args,
     add_parser,
+    add_run_args,
     comma_list,
     number,
     progress_printer,
@@ -25,7 +26,6 @@ from erase.cli.common import (
 
 
 def add(subparsers) -> None:
-
     p = add_parser(subparsers, "sweep", __doc__)
     add_model_args(p)
     p.add_argument("--concepts", help="comma-separated concepts, one study each (toy default: striped, the "
@@ -47,8 +47,7 @@ def add(subparsers) -> None:
     p.add_argument("--eval-prompts", metavar="FILE", help="evaluation prompts naming the concept (default: --prompts)")
     p.add_argument("--prompt-column", default="prompt", help="column holding the prompts in table files")
     add_detector_args(p, "for the trials' figures")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype in the trials")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    add_run_args(p, device=False)  # a trial's device is its worker's: a GPU where the cluster has them
     p.add_argument("--json", action="store_true", help="print the summaries as JSON")
     p.set_defaults(run=run)
 

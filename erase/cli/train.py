@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from erase.cli.common import add_model_args, add_parser, add_run_args
+from erase.cli.common import add_model_args, add_parser, add_run_args, output_path
 
 
 def add(subparsers) -> None:
@@ -33,7 +33,8 @@ def add(subparsers) -> None:
     p.add_argument("--metrics", metavar="FILE", help="metrics JSON to write (default: MASK with .json)")
     p.add_argument("--config", metavar="YAML", help="settings from a file: the keys a space's `fixed:` takes "
                    "(flags override them)")
-    p.add_argument("--recipe", help="a named recipe of the model (settings between its defaults and --config)")
+    p.add_argument("--recipe", help="a named recipe of the model: settings between its defaults and --config "
+                   "(a model's entry names its recipes; the built-in models have none yet)")
     config.add_flags(p)
     p.add_argument("--tracking-uri", help="also log the run to MLflow (e.g. sqlite:///mlflow.db or http://host:5000)")
     p.add_argument("--json", action="store_true", help="print the metrics JSON instead of a summary")
@@ -43,7 +44,6 @@ def add(subparsers) -> None:
 
 def run(args) -> int:
     from erase import config
-    from erase.errors import EraseError
     from erase.masks import fingerprint
     from erase.pipelines import load_generator, mask_sites
     from erase.prompts import prompt_sets
@@ -55,11 +55,9 @@ def run(args) -> int:
     fixed = config.read_config_file(args.config) if args.config else {}
     cfg = config.resolve(args.model, args.concept, fixed=fixed, fixed_from=f"config file {args.config}",
                          flags={**config.flag_values(args), "recipe": args.recipe})
-    out = args.out or f"{args.model}-{'-'.join(args.concept.split())}.safetensors".replace("/", "_")
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise EraseError(f"output folder {out_dir!r} does not exist; create it or choose another --out")
-    metrics_path = args.metrics or os.path.splitext(out)[0] + ".json"
+    out = output_path(args.out or f"{args.model}-{'-'.join(args.concept.split())}.safetensors".replace("/", "_"),
+                      "--out")
+    metrics_path = output_path(args.metrics or os.path.splitext(out)[0] + ".json", "--metrics")
     logger = None
     if args.tracking_uri:
         logger = train_run(args.tracking_uri, args.model, cfg, erase_prompts, neutral,

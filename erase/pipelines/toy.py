@@ -9,7 +9,7 @@ command work on it unchanged.
 Detector: a small CNN naming each attribute (object, colour, style, background) of an image,
 the toy world's NudeNet / CLIP classifier.
 
-The trained weights ship in pipelines/toy_weights/ (safetensors); `python -m erase.pipelines.toy_train`
+The trained weights ship in erase/pipelines/toy_weights/ (safetensors); `python -m erase.pipelines.toy_train`
 retrains them from a seed.
 """
 

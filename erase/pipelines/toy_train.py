@@ -1,6 +1,6 @@
 """Retrain the toy world's detector and generator from a seed, check them, and write the weights.
 
-    python -m erase.pipelines.toy_train --seed 0 --out pipelines/toy_weights
+    python -m erase.pipelines.toy_train --seed 0 --out erase/pipelines/toy_weights
 
 1. Detector: a CNN on freshly rendered images of every combination; accuracy per attribute on
    new renders.

@@ -83,9 +83,9 @@ def load_space(name_or_path: str, allowed_keys) -> Space:
     """Read and check a space file; `allowed_keys` are the hyperparameters a trial understands."""
     path = resolve(name_or_path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise SpaceError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping with keys {', '.join(sorted(TOP_LEVEL_KEYS))}")

@@ -42,7 +42,13 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
     if not concepts:
         raise SweepError("no concepts: pass --concepts A,B (the toy world's default is striped)")
     _check_space(model, concepts, space)
+    from erase.pipelines import model as model_entry
     from erase.prompts import read_prompts
+
+    options["detector"] = options.get("detector") or model_entry(model).detector
+    if options["detector"] is None:
+        raise SweepError(f"{model} has no detector of its own to score trials with: pass one "
+                         "(erase sweep --detector nudenet, or clip with --detector-config)")
 
     for key, what in (("prompts", "concept prompt"), ("neutral_prompts", "neutral prompt"),
                       ("eval_prompts", "evaluation prompt")):
@@ -62,15 +68,14 @@ def _saved_specs(storage: str, sweep_id: str) -> list[StudySpec]:
     for name in sorted(os.listdir(folder)):
         spec_file = os.path.join(folder, name, "spec.json")
         if os.path.isfile(spec_file):
-            with open(spec_file) as f:
-                specs.append(StudySpec(**json.load(f)))
+            specs.append(StudySpec.read(spec_file))
     if not specs:
         raise SweepError(f"sweep {sweep_id!r} has no study specs in {folder}")
     return specs
 
 
 def _check_space(model: str, concepts: list[str], space: str) -> None:
-    """The space loads, searches nothing a study fixes, and its fixed settings resolve for every concept."""
+    """The space loads, searches nothing a study fixes, and its fixed values are settings of the right types."""
     from erase.pipelines import model as model_entry
     from erase.spaces import load_space
 
@@ -82,9 +87,10 @@ def _check_space(model: str, concepts: list[str], space: str) -> None:
     if "recipe" in loaded.search:
         raise SweepError(f"{loaded.path}: 'recipe' names the settings every trial starts from and cannot be "
                          "searched; move it to `fixed` (or search the settings themselves)")
+    # each fixed value is checked now; the settings as a whole are validated per trial, with its draw
+    run_config.check_settings(model, loaded.fixed, f"{loaded.path}: fixed")
     for concept in concepts:
         model_entry(model).prompt_sets(concept)  # a clear error for a concept the model does not have
-        run_config.resolve(model, concept, fixed=loaded.fixed, fixed_from=f"{loaded.path}: fixed")
 
 
 def run_sweep(specs: list[StudySpec], *, address: str | None = None, on_progress=None, poll: float = 2.0) -> list[dict]:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +15,8 @@ from erase.config import TrainConfig
 from erase.errors import EraseError
 from erase.pipelines import DEFAULT_MODEL
 from erase.tracking import slug
+
+RETIRED_KEYS = ("fail_once_at_step",)  # in the spec.json of sweeps started before the test reporter replaced it
 
 
 class SweepError(EraseError):
@@ -52,6 +55,18 @@ class StudySpec:
     # set by the study process: the space's fixed settings and the hashes of its prompt sets
     fixed: dict = field(default_factory=dict)
     prompt_hashes: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: str) -> "StudySpec":
+        """A study's spec.json. Keys that older versions wrote and this one no longer has are dropped."""
+        with open(path) as f:
+            values = json.load(f)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known - set(RETIRED_KEYS)
+        if unknown:
+            raise SweepError(f"{path} has settings this version of erase does not know ({', '.join(sorted(unknown))}): "
+                             "resume it with the version that started it")
+        return cls(**{k: v for k, v in values.items() if k in known})
 
     @property
     def study_dir(self) -> str:

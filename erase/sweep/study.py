@@ -28,8 +28,7 @@ def main(argv: list[str]) -> None:
 
     import ray
 
-    with open(argv[0]) as f:
-        spec = StudySpec(**json.load(f))
+    spec = StudySpec.read(argv[0])
     logging.getLogger("ray").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     from erase.tracking import connect

@@ -43,11 +43,14 @@ def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
     context = tune.get_context()
     plan = TrialPlan(spec, cfg, sampled, context.get_trial_id(), context.get_trial_name())
     resources = {"GPU": GPUS_PER_WORKER, "CPU": spec.cpus_per_worker} if spec.use_gpu else {"CPU": spec.cpus_per_worker}
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # each worker's shard keeps the rows' order: erase train's batches, one worker
     TorchTrainer(
         worker_loop, train_loop_config=plan.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=spec.workers_per_trial, use_gpu=spec.use_gpu,
                                                resources_per_worker=resources),
-        datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=["erase", "neutral"]),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["erase", "neutral"], execution_options=ingest),
         run_config=ray.train.RunConfig(
             # the trial's name as the run's: a resumed sweep finds the run's checkpoints again
             name=plan.trial_name, storage_path=join(spec.study_dir, "train"),
@@ -115,8 +118,6 @@ class RayReporter:
     def report(self, report: Report) -> None:
         import ray.train
 
-        from erase.evaluate import grid_rows, save_image_grid
-
         metrics = {**report.metrics, "compute_seconds": time.time() - self.clock_start}
         with tempfile.TemporaryDirectory() as folder:
             if self.rank == 0:
@@ -125,15 +126,21 @@ class RayReporter:
                 report.write_checkpoint(folder, metrics=metrics, run_id=self.logger.run_id, extra=extra)
                 self.logger.metrics(metrics, step=report.step)
                 if report.final:
-                    if report.status != "finished":
-                        self.logger.tag("erase.status", report.status)
-                    grid = os.path.join(folder, "grid.png")
-                    save_image_grid(grid_rows(report.results, self.plan.study.concept), grid)
-                    self.logger.finish(os.path.join(folder, MASK_FILE), {
-                        "figures": json.loads(json.dumps(report.figures, default=str)), "metrics": metrics,
-                        "config": dataclasses.asdict(self.plan.config)}, grid_png=grid)
+                    self._finish_run(report, metrics, folder)
             checkpoint = ray.train.Checkpoint.from_directory(folder) if self.rank == 0 else None
             ray.train.report({**metrics, "final": int(report.final)}, checkpoint=checkpoint)
+
+    def _finish_run(self, report: Report, metrics: dict, folder: str) -> None:
+        """The MLflow run ends with the checkpoint's mask, its figures and a base-vs-masked grid."""
+        from erase.evaluate import grid_rows, save_image_grid
+
+        if report.status != "finished":
+            self.logger.tag("erase.status", report.status)
+        grid = os.path.join(folder, "grid.png")
+        save_image_grid(grid_rows(report.results, self.plan.study.concept), grid)
+        self.logger.finish(os.path.join(folder, MASK_FILE), {
+            "figures": json.loads(json.dumps(report.figures, default=str)), "metrics": metrics,
+            "config": dataclasses.asdict(self.plan.config)}, grid_png=grid)
 
     def fail(self, error: BaseException) -> None:
         """Train restarts the worker from its last checkpoint (FailureConfig); the run keeps the reason."""
