@@ -22,6 +22,24 @@ def tiny():
 
 
 @pytest.fixture
+def velocity_turns_nan(monkeypatch):
+    """`turn(generator_class, after)`: that class's velocity returns NaN from its `after`-th call on."""
+
+    def turn(generator_class, after: int):
+        calls = {"n": 0}
+        velocity = generator_class.velocity
+
+        def flaky(self, x, sigma, cond):
+            calls["n"] += 1
+            out = velocity(self, x, sigma, cond)
+            return out * float("nan") if calls["n"] > after else out
+
+        monkeypatch.setattr(generator_class, "velocity", flaky)
+
+    return turn
+
+
+@pytest.fixture
 def random_logits():
     """Random mask logits around 0 so that masks are neither all-on nor saturated."""
 

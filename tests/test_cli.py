@@ -43,18 +43,10 @@ def test_train_writes_mask_and_metrics(tmp_path, capsys, tiny):
     assert code == 0 and json.loads(stdout)["sparsity"]["entries"] == sum(s.size for s in masks.sites)
 
 
-def test_nan_loss_exits_nonzero_and_keeps_the_last_good_mask(tmp_path, capsys, monkeypatch):
+def test_nan_loss_exits_nonzero_and_keeps_the_last_good_mask(tmp_path, capsys, velocity_turns_nan):
     from erase.pipelines.flux import FluxGenerator
 
-    calls = {"n": 0}
-    velocity = FluxGenerator.velocity
-
-    def flaky(self, x, sigma, cond):
-        calls["n"] += 1
-        out = velocity(self, x, sigma, cond)
-        return out * float("nan") if calls["n"] > 40 else out
-
-    monkeypatch.setattr(FluxGenerator, "velocity", flaky)
+    velocity_turns_nan(FluxGenerator, after=40)
     out = tmp_path / "m.safetensors"
     code, _, err = run(capsys, "train", "--model", "flux-tiny", "--concept", "cat", "--steps", "30",
                        "--batch-size", "1", "--out", str(out), "--quiet")

@@ -33,16 +33,8 @@ def test_sparsity_penalty_keeps_more_units(tiny):
     assert free > 0 and kept < free
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_masks(tiny, monkeypatch):
-    calls = {"n": 0}
-    velocity = type(tiny).velocity
-
-    def flaky(self, x, sigma, cond):
-        calls["n"] += 1
-        out = velocity(self, x, sigma, cond)
-        return out * float("nan") if calls["n"] > 60 else out
-
-    monkeypatch.setattr(type(tiny), "velocity", flaky)
+def test_non_finite_loss_stops_and_keeps_the_last_good_masks(tiny, velocity_turns_nan):
+    velocity_turns_nan(type(tiny), after=60)
     cfg = TrainConfig(concept="cat", steps=50, batch_size=2, log_every=1)
     with pytest.raises(TrainingStopped, match="non-finite loss") as err:
         train(tiny, cfg, CAT, NEUTRAL, progress=False)

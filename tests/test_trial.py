@@ -65,16 +65,8 @@ def test_a_failing_trial_tells_its_reporter_and_raises(tiny, monkeypatch):
     assert [str(e) for e in recorder.failures] == ["the GPU fell off"] and not recorder.reports
 
 
-def test_a_non_finite_loss_ends_the_trial_with_its_last_good_masks(tiny, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    velocity = type(tiny).velocity
-
-    def flaky(self, x, sigma, cond):
-        calls["n"] += 1
-        out = velocity(self, x, sigma, cond)
-        return out * float("nan") if calls["n"] > 30 else out
-
-    monkeypatch.setattr(type(tiny), "velocity", flaky)
+def test_a_non_finite_loss_ends_the_trial_with_its_last_good_masks(tiny, tmp_path, velocity_turns_nan):
+    velocity_turns_nan(type(tiny), after=30)
     mask, metrics = tmp_path / "m.safetensors", tmp_path / "m.json"
     reporter = LocalReporter(str(mask), str(metrics), model="flux-tiny")
     result = run_trial(tiny, TrainConfig(concept="cat", steps=20, batch_size=1, log_every=1, sampling_steps=2),

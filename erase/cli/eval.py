@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import json
 
-from erase.cli.common import (
-    add_detector_args,
-    add_model_args,
-    add_parser,
-    add_run_args,
-    figure,
-    output_path,
-    ray_output_off_stdout,
-)
+from erase.cli import common
 
 
 def add(subparsers) -> None:
-    p = add_parser(subparsers, "eval", __doc__)
-    add_model_args(p)
-    add_run_args(p)
+    p = common.add_parser(subparsers, "eval", __doc__)
+    common.add_model_args(p)
+    common.add_run_args(p)
     p.add_argument("--mask", metavar="MASK", help="mask to evaluate: a file, models:/NAME@ALIAS, models:/NAME/VERSION "
                    "or runs:/RUN_ID (default: the base model alone)")
     p.add_argument("--concept", help="the erased concept (default: the mask file's)")
-    add_detector_args(p, "of the figures")
+    common.add_detector_args(p, "of the figures")
     p.add_argument("--prompts", metavar="FILE", help="prompts naming the concept (.txt, .csv, .parquet, .jsonl); "
                    "they replace the model's own for it")
     p.add_argument("--prompt-column", default="prompt", help="column of --prompts and --neutral-prompts tables")
@@ -63,7 +55,7 @@ def run(args) -> int:
     from erase.tracking import log_evaluation
 
     for path, flag in ((args.out, "--out"), (args.grid, "--grid"), (args.report, "--report")):
-        output_path(path, flag)
+        common.output_path(path, flag)
     settings, provenance = _settings(args)
     report, results = _evaluate(args, settings, _rows(args, settings.concept))
     attack_images = report.pop("_attack_images", None)
@@ -139,7 +131,7 @@ def _evaluate(args, settings, rows):
 
     if not args.address:
         return evaluate(settings, rows, progress=not args.json)
-    with ray_output_off_stdout(args.json), stages_on_ray(args.address, settings, actors=args.actors,
+    with common.ray_output_off_stdout(args.json), stages_on_ray(args.address, settings, actors=args.actors,
                                                          gpus_per_actor=args.gpus_per_actor,
                                                          batch_size=args.batch_size) as run_stages:
         return evaluate(settings, rows, run_stages=run_stages, progress=not args.json)
@@ -176,15 +168,15 @@ def print_report(report: dict) -> None:
     for key in ("erasure_rate", "base_rate", "preservation", "neutral_fidelity", "rephrase_erasure_rate",
                 "attack_success_rate"):
         if key in report:
-            print(f"{key + ':':<24} {figure(report[key])}")
+            print(f"{key + ':':<24} {common.figure(report[key])}")
     for key, value in report.items():
         if key.startswith("adversarial/"):
-            print(f"{key + ':':<24} base {figure(value['base'])}; masked {figure(value['masked'])}")
+            print(f"{key + ':':<24} base {common.figure(value['base'])}; masked {common.figure(value['masked'])}")
     for key in ("clip_score", "fid"):
         if key in report:
             value = report[key]
-            text = value.get("skipped") or (figure(value) if "n" in value else
-                                            f"base {figure(value['base'])}; masked {figure(value['masked'])}")
+            both = f"base {common.figure(value.get('base'))}; masked {common.figure(value.get('masked'))}"
+            text = value.get("skipped") or (common.figure(value) if "n" in value else both)
             print(f"{key + ':':<24} {text}")
     for key in ("grid", "report"):
         if key in report:

@@ -13,21 +13,12 @@ import json
 import os
 import sys
 
-from erase.cli.common import (
-    add_detector_args,
-    add_model_args,
-    add_parser,
-    add_run_args,
-    comma_list,
-    number,
-    progress_printer,
-    ray_output_off_stdout,
-)
+from erase.cli import common
 
 
 def add(subparsers) -> None:
-    p = add_parser(subparsers, "sweep", __doc__)
-    add_model_args(p)
+    p = common.add_parser(subparsers, "sweep", __doc__)
+    common.add_model_args(p)
     p.add_argument("--concepts", help="comma-separated concepts, one study each (toy default: striped, the "
                    "concept its masks erase best)")
     p.add_argument("--space", default="toy_fast", help="search space: a shipped name (default, flux_nudity, toy_fast, "
@@ -46,8 +37,8 @@ def add(subparsers) -> None:
     p.add_argument("--neutral-prompts", metavar="FILE", help="neutral prompts, same formats")
     p.add_argument("--eval-prompts", metavar="FILE", help="evaluation prompts naming the concept (default: --prompts)")
     p.add_argument("--prompt-column", default="prompt", help="column holding the prompts in table files")
-    add_detector_args(p, "for the trials' figures")
-    add_run_args(p, device=False)  # a trial's device is its worker's: a GPU where the cluster has them
+    common.add_detector_args(p, "for the trials' figures")
+    common.add_run_args(p, device=False)  # a trial's device is its worker's: a GPU where the cluster has them
     p.add_argument("--json", action="store_true", help="print the summaries as JSON")
     p.set_defaults(run=run)
 
@@ -57,7 +48,8 @@ def run(args) -> int:
     from erase.pipelines import model as model_entry
     from erase.sweep import plan, run_sweep
 
-    concepts = comma_list(args.concepts) or ([] if args.resume else list(model_entry(args.model).sweep_concepts))
+    default_concepts = [] if args.resume else list(model_entry(args.model).sweep_concepts)
+    concepts = common.comma_list(args.concepts) or default_concepts
     detector = None if args.resume else detector_spec(args.model, args.detector, args.detector_config, args.model_path)
     specs = plan(args.model, concepts, args.space, args.trials, args.storage, resume=args.resume,
                  model_path=args.model_path, tracking_uri=args.tracking_uri, workers_per_trial=args.workers_per_trial,
@@ -69,8 +61,9 @@ def run(args) -> int:
         print(f"sweep {specs[0].sweep_id}: {len(specs)} stud{'y' if len(specs) == 1 else 'ies'} "
               f"({', '.join(s.concept for s in specs)}), space {specs[0].space}, {specs[0].trials} trials each; "
               f"state in {os.path.join(os.path.abspath(specs[0].storage), specs[0].sweep_id)}", flush=True)
-    with ray_output_off_stdout() as out:
-        summaries = run_sweep(specs, address=args.address, on_progress=None if args.json else progress_printer(out))
+    with common.ray_output_off_stdout() as out:
+        progress = None if args.json else common.progress_printer(out)
+        summaries = run_sweep(specs, address=args.address, on_progress=progress)
     if args.json:
         print(json.dumps(summaries, indent=2, default=str))
         return no_trial_finished(summaries)
@@ -91,8 +84,8 @@ def print_summary(summary: dict) -> None:
     print(f"\n{summary['concept']}: objective {summary['objective']}")
     print(f"  {'trial':<28} {'status':<9} {'score':>6} {'erasure':>8} {'preserv.':>8} {'step':>5}")
     for t in sorted(summary["trials"], key=lambda t: -(t["score"] or -1)):
-        print(f"  {t['trial'][:28]:<28} {t['status']:<9} {number(t['score']):>6} {number(t['erasure_rate']):>8} "
-              f"{number(t['preservation']):>8} {t['step'] or '-':>5}")
+        score, erasure, kept = (common.number(t[k]) for k in ("score", "erasure_rate", "preservation"))
+        print(f"  {t['trial'][:28]:<28} {t['status']:<9} {score:>6} {erasure:>8} {kept:>8} {t['step'] or '-':>5}")
     best = summary.get("best")
     if best:
         print(f"  best finished trial: {best['trial']}, score {best['score']:.3f}, erasure_rate "
