@@ -92,6 +92,9 @@ class TrainConfig:
                                             "budget", default_text="none, every removed unit is penalised (L1)")
     checkpointing: bool = setting(True, "plain full backprop instead of step-wise checkpointing (memory grows with "
                                   "the sampling steps)", flag="--no-checkpointing", default_text="checkpointed")
+    block_checkpointing: bool = setting(False, "also checkpoint every transformer block within a step (diffusers' "
+                                        "gradient checkpointing): one block's activations alive at a time, for one "
+                                        "more forward of each block", default_text="off")
     threshold: float = setting(0.0, "binarisation threshold: an entry is kept when its logit is above it")
     seed: int = setting(0, "seed of the starting noises, the batch order and the mask noise")
     log_every: int = 10  # steps between log rows (and a trial's reports); set by the caller, not a setting

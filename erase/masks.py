@@ -18,10 +18,11 @@ import hashlib
 import json
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from erase.errors import EraseError
 from erase.pipelines import SITE_GROUPS, MaskSite
@@ -171,9 +172,17 @@ class MaskHooks:
     Sites without a value pass activations through unchanged.
     """
 
-    def __init__(self, transformer: torch.nn.Module, sites: list[MaskSite], values: dict[str, torch.Tensor] | None = None):
+    def __init__(self, transformer: torch.nn.Module, sites: list[MaskSite], values: dict[str, torch.Tensor] | None = None,
+                 *, checkpoint_blocks: bool = False):
+        """`checkpoint_blocks`: also checkpoint every transformer block (diffusers' gradient checkpointing),
+        recomputed with the masks of its forward, until the hooks are removed."""
         self.values = dict(values or {})
         self.handles = []
+        self.transformer, self.checkpoint_blocks = transformer, checkpoint_blocks
+        if checkpoint_blocks:
+            if not hasattr(transformer, "enable_gradient_checkpointing"):
+                raise MaskError(f"{type(transformer).__name__} has no per-block gradient checkpointing: turn it off")
+            transformer.enable_gradient_checkpointing(self.checkpoint_block)
         modules = dict(transformer.named_modules())
         for site in sites:
             for tap in site.taps:
@@ -196,6 +205,15 @@ class MaskHooks:
             yield self
         finally:
             self.values = saved
+
+    def recompute_context(self):
+        """torch.utils.checkpoint's context_fn: nothing around the forward, and around the recomputation
+        during backward the mask values of that forward, whatever the hooks hold by then."""
+        return nullcontext(), self.using(self.values)
+
+    def checkpoint_block(self, module: torch.nn.Module, *args):
+        """A transformer block checkpointed with its masks: diffusers' gradient_checkpointing_func."""
+        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=self.recompute_context)
 
     def _scale(self, x: torch.Tensor, name: str, tap) -> torch.Tensor:
         mask = self.values.get(name)
@@ -221,6 +239,9 @@ class MaskHooks:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if self.checkpoint_blocks:
+            self.transformer.disable_gradient_checkpointing()
+            self.checkpoint_blocks = False
 
     def __enter__(self) -> "MaskHooks":
         return self

@@ -222,7 +222,7 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
             adaptive.load_state(resume["adaptive"])
     sigmas = gen.sigmas(cfg.sampling_steps or gen.default_steps)
     mask_noise = torch.Generator("cpu").manual_seed(cfg.seed + start_step)
-    hooks = MaskHooks(gen.transformer, sites)
+    hooks = MaskHooks(gen.transformer, sites, checkpoint_blocks=cfg.block_checkpointing)
     targets = TargetCache(gen, sigmas, hooks)
     started = time.perf_counter()
     status, steps_done = "finished", start_step
@@ -238,6 +238,7 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
 
     def mse_of_final(prompts, seeds, target, values):
         return torch.mean((final_latent(gen.encode(prompts), seeds, values) - target) ** 2)
+
 
     # ---- loop
     with hooks:
