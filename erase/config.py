@@ -82,7 +82,10 @@ class TrainConfig:
     weight_decay: float = setting(1e-2, "the optimizer's weight decay on the logits")
     steps: int = setting(400, "optimisation steps")
     batch_size: int = setting(4, "prompts per term per optimisation step")
-    grad_accum: int = setting(1, "micro-batches per optimisation step, their gradients accumulated")
+    grad_accum: int = setting(1, "batches per optimisation step, their gradients accumulated")
+    micro_batch: int | None = setting(None, "samples per forward and backward within a batch, the batch's gradient "
+                                      "accumulated over them (less memory, the same gradient)",
+                                      default_text="the whole batch at once")
     sampling_steps: int | None = setting(None, "sampling steps unrolled in every forward", default_text="the model's")
     noises_per_prompt: int = setting(1, "fixed starting noises per prompt")
     # Explicit sparsity control on the smooth removed share 1 - mean(sigmoid(λ)):
@@ -104,6 +107,9 @@ class TrainConfig:
             (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"gradient accumulation must be at least 1, got {self.grad_accum}"),
+            (self.micro_batch is None or self.micro_batch >= 1, f"micro-batch must be at least 1, got {self.micro_batch}"),
+            (self.target != "adaptive" or self.micro_batch is None or self.micro_batch >= self.batch_size,
+             "the adaptive target runs each batch whole: drop --micro-batch (or make it the batch size)"),
             (1 <= self.noises_per_prompt <= MAX_NOISES_PER_PROMPT,
              f"noises per prompt must be in 1..{MAX_NOISES_PER_PROMPT}, got {self.noises_per_prompt}"),
             (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),

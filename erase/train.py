@@ -236,8 +236,19 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
 
         return sample(velocity, gen.noise(seeds), sigmas, cfg.checkpointing)
 
-    def mse_of_final(prompts, seeds, target, values):
-        return torch.mean((final_latent(gen.encode(prompts), seeds, values) - target) ** 2)
+    def backward_mse(prompts, seeds, target, leaves, weight) -> torch.Tensor:
+        """mean ||F(x_T, c) - target||² over the batch, backpropagated times `weight` into the mask values
+        `leaves`, a micro-batch at a time: only one micro-batch's activations are alive at once. Its value."""
+        size, micro = len(prompts), cfg.micro_batch or len(prompts)
+        total = torch.zeros(())
+        for i in range(0, size, micro):
+            part = slice(i, i + micro)
+            mse = torch.mean((final_latent(gen.encode(prompts[part]), seeds[part], leaves) - target[part]) ** 2)
+            mse = mse * (len(prompts[part]) / size)  # every sample has as many entries: the batch's mean
+            if torch.isfinite(mse):
+                (weight * mse).backward(inputs=list(leaves.values()))
+            total = total + mse.detach()
+        return total
 
 
     # ---- loop
@@ -254,8 +265,11 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
             for _ in range(cfg.grad_accum):
                 e_prompts, e_seeds = next(erase_batches)
                 n_prompts, n_seeds = next(neutral_batches)
-                values = masks.values(training=True, generator=mask_noise)
-                target_term = torch.zeros(())
+                values = masks.values(training=True, generator=mask_noise)  # one mask sample for the whole step
+                # Each term backpropagates on its own into these copies of the values, so that one term's
+                # activations are alive at a time; their gradients reach the logits once, at the end.
+                leaves = {name: v.detach().requires_grad_(True) for name, v in values.items()}
+                parts = {}
                 if adaptive is None:
                     e_target = targets.get([target_prompt(p) for p in e_prompts], e_seeds)
                 else:
@@ -263,24 +277,28 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
                     # the target's preservation term, the masks descend it (weighted by λ)
                     t_cond = adaptive.conditioning([target_prompt(p) for p in e_prompts], adaptive.weights())
                     t_original = final_latent(t_cond, e_seeds, {})
-                    target_term = torch.mean((final_latent(t_cond, e_seeds, values) - t_original) ** 2)
+                    target_term = torch.mean((final_latent(t_cond, e_seeds, leaves) - t_original) ** 2)
                     (pi_grad,) = torch.autograd.grad(target_term / cfg.grad_accum, adaptive.logits, retain_graph=True)
                     adaptive.logits.grad = pi_grad if adaptive.logits.grad is None else adaptive.logits.grad + pi_grad
+                    if torch.isfinite(target_term):
+                        (cfg.adaptive_lambda * target_term / cfg.grad_accum).backward(inputs=list(leaves.values()))
+                    parts["target_preserve_loss"] = target_term.detach()
                     e_target = t_original.detach()
+                parts["erase_loss"] = backward_mse(e_prompts, e_seeds, e_target, leaves, 1 / cfg.grad_accum)
                 n_target = targets.get(n_prompts, n_seeds)
-                erase_loss = mse_of_final(e_prompts, e_seeds, e_target, values)
-                preserve_loss = mse_of_final(n_prompts, n_seeds, n_target, values)
-                penalty = sparsity_penalty(masks, cfg)
-                loss = erase_loss + cfg.beta * preserve_loss + penalty + cfg.adaptive_lambda * target_term
-                if not torch.isfinite(loss):
+                parts["preserve_loss"] = backward_mse(n_prompts, n_seeds, n_target, leaves, cfg.beta / cfg.grad_accum)
+                parts["penalty"] = sparsity_penalty(masks, cfg)
+                parts["loss"] = (parts["erase_loss"] + cfg.beta * parts["preserve_loss"] + parts["penalty"].detach()
+                                 + cfg.adaptive_lambda * parts.get("target_preserve_loss", 0.0))
+                if not torch.isfinite(parts["loss"]):
                     masks.restore(last_good)
                     status = f"stopped: non-finite loss at step {step}"
                     break
-                (loss / cfg.grad_accum).backward(inputs=list(masks.logits.values()))
-                parts = [("loss", loss), ("erase_loss", erase_loss), ("preserve_loss", preserve_loss), ("penalty", penalty)]
-                if adaptive is not None:
-                    parts.append(("target_preserve_loss", target_term))
-                for key, value in parts:
+                grads = {name: leaf.grad for name, leaf in leaves.items() if leaf.grad is not None}
+                torch.autograd.backward([values[name] for name in grads], list(grads.values()))
+                if parts["penalty"].requires_grad:
+                    (parts["penalty"] / cfg.grad_accum).backward()
+                for key, value in parts.items():
                     totals[key] += float(value.detach()) / cfg.grad_accum
             if status != "finished":
                 break

@@ -24,6 +24,47 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def plain_gradients(gen, beta: float = 0.01) -> torch.Tensor:
+    """The same first step written out plainly: one batch, both terms in one loss, one backward, no
+    checkpoint of any kind, and the empty prompt's output as the target."""
+    from erase.masks import MaskHooks, select_sites
+    from erase.sampler import sample
+    from erase.train import cycle_batches, first_seeds, prompt_rows
+
+    cfg = TrainConfig(concept="cat", batch_size=2)
+    erase_first, neutral_first = first_seeds(cfg)
+    e_prompts, e_seeds = next(cycle_batches(prompt_rows(CAT, erase_first), 2, cfg.seed))
+    n_prompts, n_seeds = next(cycle_batches(prompt_rows(NEUTRAL, neutral_first), 2, cfg.seed + 1))
+    sites = select_sites(gen.mask_sites(), ("ffn", "norm"))
+    logits = {s.name: torch.full((s.size,), 0.5, requires_grad=True) for s in sites}
+    sigmas = gen.sigmas(3)
+    with MaskHooks(gen.transformer, sites) as hooks:
+        def final(prompts, seeds, values):
+            cond = gen.encode(prompts)
+            hooks.values = values
+            return sample(lambda x, s: gen.velocity(x, s, cond), gen.noise(seeds), sigmas, checkpointing=False)
+
+        with torch.no_grad():
+            erase_target, neutral_target = final([""] * 2, e_seeds, {}), final(n_prompts, n_seeds, {})
+        values = {name: torch.sigmoid(lam) for name, lam in logits.items()}
+        loss = (torch.mean((final(e_prompts, e_seeds, values) - erase_target) ** 2)
+                + beta * torch.mean((final(n_prompts, n_seeds, values) - neutral_target) ** 2))
+        loss.backward()
+    by_group = [s.name for s in sites if s.group == "ffn"] + [s.name for s in sites if s.group == "norm"]
+    return torch.cat([logits[name].grad for name in by_group]) * 0.1  # as Adam's first moment after one step
+
+
+@pytest.mark.parametrize("settings", [
+    dict(checkpointing=False),  # each term on its own, the whole batch at once
+    dict(micro_batch=1),  # and a sample at a time, step-wise checkpointed
+    dict(micro_batch=1, block_checkpointing=True),  # and every block checkpointed too
+])
+def test_the_recipes_step_gives_the_gradients_of_the_plain_computation(tiny, settings):
+    plain = plain_gradients(tiny)
+    assert plain.abs().sum() > 0
+    assert relative_error(first_step_gradients(tiny, **settings), plain) < TOLERANCE
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_per_block_checkpointing_gives_the_plain_gradients(tiny, checkpointing):
     plain = first_step_gradients(tiny, checkpointing=False)
