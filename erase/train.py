@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Union
 
 import torch
@@ -93,11 +93,32 @@ def cycle_batches(rows: list[dict], batch_size: int, shuffle_seed: int) -> Itera
         yield [r["prompt"] for r in batch], [int(r["seed"]) for r in batch]
 
 
+class EncodingCache:
+    """Each prompt's conditioning, encoded once: the text encoders are frozen, and on FLUX.1 they are
+    the biggest part of a forward that does not depend on the masks. A batch's conditioning is
+    assembled from the prompts' rows (the fields a conditioning names in BATCHED)."""
+
+    def __init__(self, gen):
+        self.gen, self.rows, self.template = gen, {}, None
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]):
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.rows]
+        if missing:
+            cond = self.gen.encode(missing)
+            batched = [f for f in type(cond).BATCHED if getattr(cond, f) is not None]
+            for i, prompt in enumerate(missing):
+                self.rows[prompt] = {f: getattr(cond, f)[i:i + 1] for f in batched}
+            self.template = cond
+        fields = self.rows[prompts[0]]
+        return replace(self.template, **{f: torch.cat([self.rows[p][f] for p in prompts]) for f in fields})
+
+
 class TargetCache:
     """Final latents of the original model, F_θ'(x_T, prompt), computed once per (prompt, seed)."""
 
-    def __init__(self, gen, sigmas: torch.Tensor, hooks: MaskHooks):
-        self.gen, self.sigmas, self.hooks = gen, sigmas, hooks
+    def __init__(self, gen, sigmas: torch.Tensor, hooks: MaskHooks, encode):
+        self.gen, self.sigmas, self.hooks, self.encode = gen, sigmas, hooks, encode
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
 
     @torch.no_grad()
@@ -106,7 +127,7 @@ class TargetCache:
         missing = list(dict.fromkeys(missing))
         if missing:
             with self.hooks.using({}):  # the original model: no masks
-                cond = self.gen.encode([p for p, _ in missing])
+                cond = self.encode([p for p, _ in missing])
                 noise = self.gen.noise([s for _, s in missing])
                 final = sample(lambda x, sigma: self.gen.velocity(x, sigma, cond), noise, self.sigmas, checkpointing=False)
             for key, latent in zip(missing, final):
@@ -223,7 +244,8 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
     sigmas = gen.sigmas(cfg.sampling_steps or gen.default_steps)
     mask_noise = torch.Generator("cpu").manual_seed(cfg.seed + start_step)
     hooks = MaskHooks(gen.transformer, sites, checkpoint_blocks=cfg.block_checkpointing)
-    targets = TargetCache(gen, sigmas, hooks)
+    encode = EncodingCache(gen)
+    targets = TargetCache(gen, sigmas, hooks, encode)
     started = time.perf_counter()
     status, steps_done = "finished", start_step
 
@@ -243,7 +265,7 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
         total = torch.zeros(())
         for i in range(0, size, micro):
             part = slice(i, i + micro)
-            mse = torch.mean((final_latent(gen.encode(prompts[part]), seeds[part], leaves) - target[part]) ** 2)
+            mse = torch.mean((final_latent(encode(prompts[part]), seeds[part], leaves) - target[part]) ** 2)
             mse = mse * (len(prompts[part]) / size)  # every sample has as many entries: the batch's mean
             if torch.isfinite(mse):
                 (weight * mse).backward(inputs=list(leaves.values()))

@@ -96,3 +96,15 @@ def test_per_block_checkpointing_recomputes_blocks_with_their_masks(tiny):
             (gradient,) = torch.autograd.grad(final.square().mean(), [logits[sites[0].name]])
             grads.append(gradient)
     assert grads[0].abs().sum() > 0 and relative_error(grads[1], grads[0]) < TOLERANCE
+
+
+def test_cached_encodings_are_the_encoders_own(tiny):
+    from erase.train import EncodingCache
+
+    cache = EncodingCache(tiny)
+    cache(["a bowl of fruit", "a red car"])
+    mixed = cache(["a red car", "a photo of a cat", "a red car"])  # one prompt new, two cached, one twice
+    fresh = tiny.encode(["a red car", "a photo of a cat", "a red car"])
+    for field in ("prompt_embeds", "pooled", "text_ids"):
+        torch.testing.assert_close(getattr(mixed, field), getattr(fresh, field), rtol=1e-6, atol=1e-6)
+    assert set(cache.rows) == {"a bowl of fruit", "a red car", "a photo of a cat"}

@@ -35,6 +35,7 @@ class TokenMLP(nn.Module):
 class Conditioning:
     prompt_embeds: torch.Tensor  # (B, 1, TEXT): a prompt's bytes, embedded and averaged
     pooled: torch.Tensor  # (B, TEXT), zero: the attack and the adaptive target read both fields
+    BATCHED = ("prompt_embeds", "pooled")  # the fields with a row per prompt
 
 
 class TokenMLPGenerator:

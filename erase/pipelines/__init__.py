@@ -2,7 +2,8 @@
 
 A generator adapter gives the method exactly what it needs and nothing more:
 
-    gen.encode(prompts)            -> conditioning for a batch of prompts (frozen text encoders)
+    gen.encode(prompts)            -> conditioning for a batch of prompts (frozen text encoders): a
+                                      dataclass whose BATCHED fields have a row per prompt
     gen.noise(seeds)               -> starting latents x_T, one per seed, deterministic on any device
     gen.sigmas(num_steps)          -> the scheduler's noise levels, num_steps + 1 values ending at 0
     gen.velocity(x, sigma, cond)   -> the transformer's velocity prediction (fp32 out)

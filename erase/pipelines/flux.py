@@ -86,7 +86,8 @@ def meta_transformer(model: str):
 class FluxConditioning:
     prompt_embeds: torch.Tensor  # (B, text_len, joint_attention_dim), T5
     pooled: torch.Tensor  # (B, pooled_projection_dim), CLIP
-    text_ids: torch.Tensor  # (text_len, 3)
+    text_ids: torch.Tensor  # (text_len, 3), the same for every prompt
+    BATCHED = ("prompt_embeds", "pooled")  # the fields with a row per prompt
 
 
 class FluxGenerator:

@@ -140,6 +140,7 @@ class ToyConditioning:
     text_ids: torch.Tensor
     uncond_embeds: torch.Tensor | None = None
     uncond_pooled: torch.Tensor | None = None
+    BATCHED = ("prompt_embeds", "pooled", "uncond_embeds", "uncond_pooled")  # the fields with a row per prompt
 
 
 class ToyGenerator:
