@@ -127,7 +127,7 @@ class GenerateStage:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, model_path: str | None = None, mask: str | None = None,
-                 device: str = "cpu", dtype: str = "fp32", guidance: float | None = None, steps: int | None = None,
+                 device: str = "cpu", dtype: str | None = None, guidance: float | None = None, steps: int | None = None,
                  *, gen=None, masks: tuple | None = None):
         from erase.masks import load_binary_masks
         from erase.pipelines import load_generator
@@ -477,7 +477,7 @@ class EvalSettings:
     concept: str | None = None
     detector: dict | None = dataclasses.field(default_factory=lambda: {"name": "toy"})  # the toy world's CNN
     device: str = "cpu"
-    dtype: str = "fp32"
+    dtype: str | None = None  # None: the model's default
     guidance: float | None = None
     steps: int | None = None
     batch_size: int = 64

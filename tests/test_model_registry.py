@@ -128,3 +128,17 @@ def test_a_name_is_registered_once(token_mlp):
 
     with pytest.raises(ModelError, match="already registered"):
         register(ENTRY)
+
+
+def test_a_model_loads_in_its_own_dtype_unless_asked_otherwise(monkeypatch):
+    from erase.pipelines import load_generator, model
+
+    seen = []
+    entry = dataclasses.replace(ENTRY, name="token-mlp-bf16", default_dtype="bf16",
+                                load=lambda path, *, dtype, device, guidance: seen.append(dtype))
+    monkeypatch.setitem(models(), entry.name, entry)
+    load_generator("token-mlp-bf16")
+    load_generator("token-mlp-bf16", dtype="fp32")
+    assert seen == [torch.bfloat16, torch.float32]
+    assert model("flux.1-schnell").default_dtype == model("flux.1-dev").default_dtype == "bf16"
+    assert model("flux-tiny").default_dtype == model("toy").default_dtype == "fp32"

@@ -43,7 +43,8 @@ def add_model_args(p: argparse.ArgumentParser, *, path: bool = True, default: st
 def add_run_args(p: argparse.ArgumentParser, *, device: bool = True) -> None:
     from erase.pipelines import DTYPES
 
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (mask logits stay fp32)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="the model's dtype; mask logits stay fp32 (default: the "
+                   "model's: bf16 for the FLUX.1 checkpoints, fp32 for the toy world and the random configs)")
     if device:
         p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
     p.add_argument("--guidance", type=float, help="guidance scale: classifier-free for the toy world, embedded "

@@ -91,6 +91,7 @@ class ModelEntry:
     sweep_concepts: tuple[str, ...] = ()  # what `erase sweep` erases when no --concepts are given
     graph_concepts: tuple[str, ...] = ()  # what `erase graph` erases when no --concepts are given
     concept_graph: str | None = None  # a concept graph (graph.json) made on this model's weights
+    default_dtype: str = "fp32"  # the weights' dtype unless asked otherwise
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -124,14 +125,18 @@ def model(name: str) -> ModelEntry:
     return known[name]
 
 
-def load_generator(name: str, model_path: str | None = None, *, dtype: str = "fp32", device: str = "cpu",
+def load_generator(name: str, model_path: str | None = None, *, dtype: str | None = None, device: str = "cpu",
                    guidance: float | None = None):
     """Build the generator of model `name`, with weights from `model_path` if given.
+
+    `dtype`: fp32, bf16 or fp16 for the model's weights (mask logits stay fp32 whatever it is);
+    None takes the model's default: bf16 for the FLUX.1 checkpoints, fp32 for the others.
 
     `guidance`: classifier-free guidance scale for the toy world, embedded guidance for
     FLUX.1-dev; None keeps the model's default.
     """
     entry = model(name)
+    dtype = dtype or entry.default_dtype
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return entry.load(model_path, dtype=DTYPES[dtype], device=device, guidance=guidance)

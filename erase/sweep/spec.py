@@ -39,7 +39,7 @@ class StudySpec:
     workers_per_trial: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    dtype: str = "fp32"
+    dtype: str | None = None  # None: the model's default (bf16 for the FLUX.1 checkpoints)
     guidance: float | None = None
     report_every: int = 25
     grace_steps: int = 50
