@@ -112,3 +112,13 @@ def test_a_recipe_named_by_the_flags_wins_over_the_files_without_an_error(layere
     layered.recipes["slow"] = {"steps": 9}
     cfg = resolve("layered", "cat", fixed={"recipe": "quick", "lr_ffn": 0.45}, flags={"recipe": "slow"})
     assert cfg.steps == 9 and cfg.lr_ffn == 0.45
+
+
+def test_the_flux_models_name_the_papers_recipe():
+    cfg = resolve("flux.1-schnell", "nudity", flags={"recipe": "paper"})
+    table_6 = (cfg.batch_size, cfg.lr_ffn, cfg.lr_norm, cfg.lr_attn, cfg.beta, cfg.optimizer, cfg.weight_decay, cfg.steps)
+    assert table_6 == (4, 0.5, 0.5, 0.0, 0.01, "adam", 0.01, 400)
+    assert resolve("flux.1-schnell", "nudity").optimizer == "adamw"  # without the recipe, the reference code's
+    assert resolve("flux-tiny", "cat", fixed={"recipe": "paper"}, flags={"steps": 3}).steps == 3  # flags over it
+    with pytest.raises(ConfigError, match="toy has no recipe 'paper'; its recipes: none"):
+        resolve("toy", "circle", flags={"recipe": "paper"})

@@ -310,10 +310,19 @@ def eval_sets(concept: str | None) -> dict:
     return {"concept": {concept: concept_prompts(concept)}, "neutral": {"": list(NEUTRAL_PROMPTS)}}
 
 
+# The paper's Table 6 for FLUX.1-schnell (docs/method.md, section 5). "400 training steps" is read
+# as 400 optimizer steps, each of a batch of 4 concept samples and 4 neutral ones, every sample
+# unrolled through all its sampling steps: 3,200 unrolled samples a run. Read as 400 samples
+# (100 steps of batch 4) it would cost a quarter of that.
+PAPER_RECIPE = {"batch_size": 4, "lr_ffn": 0.5, "lr_norm": 0.5, "lr_attn": 0.0, "beta": 0.01, "optimizer": "adam",
+                "weight_decay": 0.01, "steps": 400}
+
+
 def _entry(name: str, description: str, default_dtype: str = "fp32") -> ModelEntry:
     return ModelEntry(name=name, description=description, load=partial(load, name),
                       meta_transformer=partial(meta_transformer, name), mask_sites=flux_mask_sites,
-                      prompt_sets=prompt_sets, eval_sets=eval_sets, default_dtype=default_dtype)
+                      prompt_sets=prompt_sets, eval_sets=eval_sets, recipes={"paper": PAPER_RECIPE},
+                      default_dtype=default_dtype)
 
 
 # The checkpoints run in bf16 unless asked otherwise: in fp32 the transformer's weights alone are
