@@ -206,7 +206,7 @@ def toy_erasure(concept: str, seeds_per_prompt: int):
 
 def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, beta: float | None = None,
                     seed: int = 0, seeds_per_prompt: int = 4, substitute_phrase: str = "shape",
-                    strategies=("empty", "substitute", "adaptive"), match: bool = False, level: float | None = None,
+                    strategies=("empty", "substitute", "adaptive", "edit"), match: bool = False, level: float | None = None,
                     tolerance: float = 0.02, max_runs: int = 5, progress: bool = True) -> dict:
     """Erase `concept` from the toy world once per target strategy (same settings, seeds and prompts)
     and measure its erasure and the preservation of its nearest neighbours in the concept graph.

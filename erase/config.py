@@ -26,7 +26,8 @@ from erase.errors import EraseError
 from erase.masks import PARAMETRISATIONS
 from erase.pipelines import SITE_GROUPS
 
-TARGETS = ("empty", "substitute", "adaptive")
+TARGETS = ("empty", "substitute", "adaptive", "edit")
+MASK_NOISE = ("per_step", "per_call")
 OPTIMIZERS = ("adam", "adamw")
 MAX_NOISES_PER_PROMPT = 64
 
@@ -57,9 +58,18 @@ class TrainConfig:
                           "or a learnt mixture of its nearest concepts (AGE)", choices=TARGETS,
                           default_text="empty; for a toy colour or style, substitute with the word dropped "
                           "('a blue circle' -> 'a circle', drawn grey)")
-    substitutions: dict[str, str] = setting({}, "for --target substitute: replace OLD in each concept prompt by NEW "
+    substitutions: dict[str, str] = setting({}, "for --target substitute or edit: replace OLD in each concept prompt by NEW "
                                             "(repeatable), e.g. 'Van Gogh=a painter'", flag="--substitute",
                                             metavar="OLD=NEW", append=True, default_text="none")
+    # the edit target (erase/flowedit.py): the original model's image of the concept prompt, edited with
+    # FlowEdit towards the substituted prompt, by the model itself or another one of the same latent space
+    edit_model: str | None = setting(None, "edit: the model that edits (a model name of the same latent space, "
+                                     "e.g. flux.1-dev for flux.1-schnell)", default_text="the model itself")
+    edit_steps: int | None = setting(None, "edit: steps of FlowEdit's schedule", default_text="the editing model's "
+                                     "sampling steps")
+    edit_strength: float = setting(0.85, "edit: the share of the schedule edited; the steps before it are skipped, "
+                                   "which keeps the source's layout (FlowEdit's 24 of 28 steps on FLUX.1)")
+    edit_average: int = setting(1, "edit: fresh noises averaged in each edit step")
     # the adaptive target (erase/adaptive.py): k nearest candidates from a vocabulary, Gumbel-softmax
     # temperature, hard (straight-through) or soft top-k mixture, the candidates' logits' learning rate
     # (gradient ascent), and the weight λ of the target's preservation term
@@ -88,6 +98,13 @@ class TrainConfig:
                                       default_text="the whole batch at once")
     sampling_steps: int | None = setting(None, "sampling steps unrolled in every forward", default_text="the model's")
     noises_per_prompt: int = setting(1, "fixed starting noises per prompt")
+    shared_noise: bool = setting(False, "one starting noise shared by every sample of both terms (the reference "
+                                 "code's), instead of fixed noises per prompt", default_text="noises per prompt")
+    mask_noise: str = setting("per_step", "hard-concrete noise: drawn once per optimisation step for every hook "
+                              "call of both terms, or anew at every hook call (the reference code's)",
+                              choices=MASK_NOISE)
+    text_length: int | None = setting(None, "text tokens per prompt (FLUX.1's T5 sequence length)",
+                                      default_text="the model's: 256 for flux.1-schnell, 512 for flux.1-dev")
     # Explicit sparsity control on the smooth removed share 1 - mean(sigmoid(λ)):
     # weight * removed (L1), or weight * max(0, removed - target_sparsity) (a budget).
     sparsity_weight: float = setting(0.0, "weight of the explicit sparsity penalty (0: none)")
@@ -121,8 +138,17 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}"),
             (self.parametrisation in PARAMETRISATIONS,
              f"unknown parametrisation {self.parametrisation!r}; use one of {', '.join(PARAMETRISATIONS)}"),
-            (self.target != "substitute" or bool(self.substitutions),
-             "target 'substitute' needs a map: pass --substitute OLD=NEW (e.g. 'nude man=a man')"),
+            (self.target not in ("substitute", "edit") or bool(self.substitutions),
+             f"target {self.target!r} needs a map: pass --substitute OLD=NEW (e.g. 'nude man=a man')"),
+            (0 < self.edit_strength <= 1, f"edit strength must be in (0, 1], got {self.edit_strength}"),
+            (self.edit_average >= 1, f"edit average must be at least 1, got {self.edit_average}"),
+            (self.edit_steps is None or self.edit_steps >= 1, f"edit steps must be at least 1, got {self.edit_steps}"),
+            (not self.shared_noise or self.noises_per_prompt == 1,
+             "a shared starting noise is one noise: drop --noises-per-prompt (or --shared-noise)"),
+            (self.mask_noise in MASK_NOISE, f"unknown mask noise {self.mask_noise!r}; use one of {', '.join(MASK_NOISE)}"),
+            (self.mask_noise == "per_step" or self.parametrisation == "hard_concrete",
+             f"mask noise per hook call needs the hard-concrete parametrisation ({self.parametrisation} has no noise)"),
+            (self.text_length is None or self.text_length >= 1, f"text length must be at least 1, got {self.text_length}"),
             (self.adaptive_k >= 1 and self.adaptive_top_k >= 1, "adaptive k and top-k must be at least 1"),
             (self.adaptive_temperature > 0, f"adaptive temperature must be > 0, got {self.adaptive_temperature}"),
             (self.adaptive_lr >= 0 and self.adaptive_lambda >= 0, "adaptive lr and lambda must be >= 0"),
@@ -146,7 +172,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # concept (given on its own) and log_every (the caller's), plus `recipe` (layer 3) in files.
 SETTINGS = tuple(name for name in FIELDS if name not in ("concept", "log_every"))
 FILE_KEYS = SETTINGS + ("recipe",)
-NOT_SEARCHABLE = ("seed", "noises_per_prompt")  # they define the prompt streams, which a study builds once
+NOT_SEARCHABLE = ("seed", "noises_per_prompt", "shared_noise")  # they define the prompt streams, which a study builds once
 _DEFAULTS = TrainConfig(concept="")
 _HINTS = typing.get_type_hints(TrainConfig)
 
@@ -161,7 +187,7 @@ def resolve(model: str, concept: str, *, fixed: dict | None = None, sampled: dic
     `fixed`: a config file's or a space's fixed settings (`fixed_from` names them in errors);
     `sampled`: a trial's draw; `flags`: what the user (or a calling program) set explicitly,
     which may also set `log_every`. A named recipe comes from `recipe` in `flags`, else in `fixed`.
-    Substitutions serve the substitute target only: for any other target they are dropped.
+    Substitutions serve the substitute and edit targets only: for any other target they are dropped.
     """
     from erase.pipelines import model as model_entry
 
@@ -174,7 +200,7 @@ def resolve(model: str, concept: str, *, fixed: dict | None = None, sampled: dic
     values.update(checked(fixed, fixed_from))
     values.update(checked(sampled, "the sampled values"))
     values.update(checked(flags, "the flags", SETTINGS + ("log_every",)))
-    if values.get("target", TrainConfig.target) != "substitute":
+    if values.get("target", TrainConfig.target) not in ("substitute", "edit"):
         values["substitutions"] = {}
     cfg = TrainConfig(concept=concept, **values)
     cfg.validate()

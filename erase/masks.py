@@ -80,23 +80,24 @@ class Masks:
 
     def values(self, training: bool, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Mask values in [0, 1] (fp32, differentiable in λ); noisy only for hard-concrete training."""
-        out = {}
-        for name, lam in self.logits.items():
-            if self.parametrisation == "hard_concrete":
-                if training:
-                    u = torch.rand(lam.shape, generator=generator, device="cpu").to(lam.device)
-                    e = HARD_CONCRETE_NOISE_BOUND
-                    noise = torch.log(u + e) - torch.log(1 - u + e)
-                else:
-                    noise = torch.zeros_like(lam)
-                s = torch.sigmoid((noise + lam) / HARD_CONCRETE_TEMPERATURE)
-                out[name] = (s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
-            elif self.parametrisation == "sigmoid":
-                out[name] = torch.sigmoid(lam)
-            else:  # binary, straight-through: forward 1[λ > 0], backward d sigmoid
-                soft = torch.sigmoid(lam)
-                out[name] = (lam > 0).to(lam.dtype) + soft - soft.detach()
-        return out
+        return {name: self.value(name, training, generator) for name in self.logits}
+
+    def value(self, name: str, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One site's mask values; the noise comes from `generator`, or torch's global CPU generator."""
+        lam = self.logits[name]
+        if self.parametrisation == "hard_concrete":
+            if training:
+                u = torch.rand(lam.shape, generator=generator, device="cpu").to(lam.device)
+                e = HARD_CONCRETE_NOISE_BOUND
+                noise = torch.log(u + e) - torch.log(1 - u + e)
+            else:
+                noise = torch.zeros_like(lam)
+            s = torch.sigmoid((noise + lam) / HARD_CONCRETE_TEMPERATURE)
+            return (s * (STRETCH_HIGH - STRETCH_LOW) + STRETCH_LOW).clamp(0.0, 1.0)
+        if self.parametrisation == "sigmoid":
+            return torch.sigmoid(lam)
+        soft = torch.sigmoid(lam)  # binary, straight-through: forward 1[λ > 0], backward d sigmoid
+        return (lam > 0).to(lam.dtype) + soft - soft.detach()
 
     def density(self) -> torch.Tensor:
         """Smooth share of kept entries, mean of sigmoid(λ): the quantity sparsity penalties act on."""
@@ -117,6 +118,19 @@ class Masks:
 
     def is_finite(self) -> bool:
         return all(bool(torch.isfinite(v).all()) for v in self.logits.values())
+
+
+class NoisePerCall:
+    """Mask values with hard-concrete noise drawn anew at every hook call (the reference code's way),
+    for `MaskHooks.using`. The noise comes from torch's global CPU generator, which
+    torch.utils.checkpoint restores before it recomputes a step or a block: a recomputation draws
+    exactly the noise its forward drew, so the gradient is the one of the forward's masks."""
+
+    def __init__(self, masks: Masks):
+        self.masks = masks
+
+    def get(self, name: str, default=None):
+        return self.masks.value(name, training=True) if name in self.masks.logits else default
 
 
 def binarize(logits: dict[str, torch.Tensor], threshold: float = 0.0, scope: str = "threshold",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import time
 import zlib
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Union
 
@@ -24,7 +25,9 @@ from tqdm import tqdm
 
 from erase.adaptive import AdaptiveConfig, AdaptiveTarget
 from erase.config import MAX_NOISES_PER_PROMPT, TrainConfig
-from erase.masks import MaskHooks, Masks, select_sites, sparsity
+from erase.flowedit import edit_noise_seeds, edit_start, flowedit
+from erase.masks import MaskHooks, Masks, NoisePerCall, select_sites, sparsity
+from erase.pipelines import ModelError, load_generator
 from erase.prompts import PromptError, substitute
 from erase.sampler import sample
 
@@ -69,13 +72,19 @@ def example_seed(prompt: str, k: int, first_seed: int) -> int:
     return first_seed + zlib.crc32(prompt.encode("utf-8")) * MAX_NOISES_PER_PROMPT + k
 
 
-def prompt_rows(prompts: list[str], first_seed: int, noises_per_prompt: int = 1) -> list[dict]:
-    """Training examples: each prompt with `noises_per_prompt` fixed noise seeds, as rows {prompt, seed}."""
+def prompt_rows(prompts: list[str], first_seed: int, noises_per_prompt: int = 1, shared_noise: bool = False) -> list[dict]:
+    """Training examples: each prompt with `noises_per_prompt` fixed noise seeds, as rows {prompt, seed};
+    with `shared_noise`, every prompt with the one seed `first_seed`."""
+    if shared_noise:
+        return [{"prompt": p, "seed": first_seed} for p in prompts]
     return [{"prompt": p, "seed": example_seed(p, k, first_seed)} for p in prompts for k in range(noises_per_prompt)]
 
 
 def first_seeds(cfg: "TrainConfig") -> tuple[int, int]:
-    """Seed offsets of the erase and of the neutral examples, set by cfg.seed."""
+    """Seed offsets of the erase and of the neutral examples, set by cfg.seed (one seed for both when
+    every sample shares its starting noise)."""
+    if cfg.shared_noise:
+        return cfg.seed * 1_000_003, cfg.seed * 1_000_003
     return cfg.seed * 1_000_003, cfg.seed * 1_000_003 + 500_009
 
 
@@ -98,14 +107,15 @@ class EncodingCache:
     the biggest part of a forward that does not depend on the masks. A batch's conditioning is
     assembled from the prompts' rows (the fields a conditioning names in BATCHED)."""
 
-    def __init__(self, gen):
-        self.gen, self.rows, self.template = gen, {}, None
+    def __init__(self, gen, text_length: int | None = None):
+        self.gen, self.text_length, self.rows, self.template = gen, text_length, {}, None
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]):
         missing = [p for p in dict.fromkeys(prompts) if p not in self.rows]
         if missing:
-            cond = self.gen.encode(missing)
+            length = {} if self.text_length is None else {"text_length": self.text_length}
+            cond = self.gen.encode(missing, **length)
             batched = [f for f in type(cond).BATCHED if getattr(cond, f) is not None]
             for i, prompt in enumerate(missing):
                 self.rows[prompt] = {f: getattr(cond, f)[i:i + 1] for f in batched}
@@ -133,6 +143,68 @@ class TargetCache:
             for key, latent in zip(missing, final):
                 self.cache[key] = latent
         return torch.stack([self.cache[(p, s)] for p, s in zip(prompts, seeds)])
+
+
+class EditTargetCache:
+    """FlowEdit targets (erase/flowedit.py), once per (concept prompt, seed): the original model's image
+    of the prompt, edited by `editor` (the model itself or another of the same latent space) from the
+    prompt towards its substituted prompt."""
+
+    def __init__(self, sources: TargetCache, editor, encode, cfg: TrainConfig):
+        self.sources, self.editor, self.encode = sources, editor, encode
+        self.sigmas = editor.sigmas(cfg.edit_steps or editor.default_steps)
+        self.start = edit_start(len(self.sigmas) - 1, cfg.edit_strength)
+        self.average, self.substitutions = cfg.edit_average, cfg.substitutions
+        self.cache: dict[tuple[str, int], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def get(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        missing = list(dict.fromkeys((p, s) for p, s in zip(prompts, seeds) if (p, s) not in self.cache))
+        if missing:
+            m_prompts, m_seeds = [p for p, _ in missing], [s for _, s in missing]
+            source = self.sources.get(m_prompts, m_seeds)
+            source_cond = self.encode(m_prompts)
+            target_cond = self.encode([substitute(p, self.substitutions) for p in m_prompts])
+            with self.sources.hooks.using({}):  # the editor is unmasked (it may be the model being erased)
+                edited = flowedit(lambda x, sigma: self.editor.velocity(x, sigma, source_cond),
+                                  lambda x, sigma: self.editor.velocity(x, sigma, target_cond),
+                                  source, self.sigmas, start=self.start, average=self.average,
+                                  noise=lambda step, k: self.editor.noise(edit_noise_seeds(m_seeds, step, k)))
+            for key, latent in zip(missing, edited):
+                self.cache[key] = latent
+        return torch.stack([self.cache[(p, s)] for p, s in zip(prompts, seeds)])
+
+
+def edit_model(gen, cfg: TrainConfig):
+    """The model that edits for the edit target: `gen` itself, or cfg.edit_model loaded beside it,
+    which must draw latents of the same shape."""
+    if cfg.edit_model is None or cfg.edit_model == gen.model_id:
+        return gen
+    editor = load_generator(cfg.edit_model, device=str(gen.device))
+    if editor.noise([0]).shape != gen.noise([0]).shape:
+        raise ModelError(f"edit model {cfg.edit_model} draws latents of shape {tuple(editor.noise([0]).shape)}, "
+                         f"{gen.model_id} of {tuple(gen.noise([0]).shape)}: an edit model must share the latent "
+                         "space and resolution of the erased one")
+    return editor
+
+
+class TextEncodersOff:
+    """The text encoders moved off the accelerator while the loop runs, once every prompt it needs is
+    encoded (FLUX.1's T5 is 9.5 GB in bf16), and back afterwards; a no-op for a generator that keeps
+    them on its device anyway (no `text_encoders_to`)."""
+
+    def __init__(self, gen, encode: EncodingCache, prompts: list[str]):
+        self.gen, self.encode, self.prompts = gen, encode, prompts
+
+    def __enter__(self):
+        if hasattr(self.gen, "text_encoders_to"):
+            self.encode(self.prompts)
+            self.gen.text_encoders_to("cpu")
+        return self
+
+    def __exit__(self, *exc):
+        if hasattr(self.gen, "text_encoders_to"):
+            self.gen.text_encoders_to(self.gen.device)
 
 
 def sparsity_penalty(masks: Masks, cfg: TrainConfig) -> torch.Tensor:
@@ -173,7 +245,7 @@ def _rows(source: PromptSource, if_empty: str, cfg: TrainConfig, first_seed: int
         raise PromptError(if_empty)
     if isinstance(source[0], dict):
         return list(source)
-    return prompt_rows(list(source), first_seed, cfg.noises_per_prompt)
+    return prompt_rows(list(source), first_seed, cfg.noises_per_prompt, cfg.shared_noise)
 
 
 def _average_across_workers(masks: Masks) -> None:
@@ -209,7 +281,7 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
 
     def target_prompt(prompt: str) -> str:
         if prompt not in target_prompts:
-            if cfg.target == "substitute":
+            if cfg.target in ("substitute", "edit"):  # edit: the prompt the image is edited towards
                 target_prompts[prompt] = substitute(prompt, cfg.substitutions)
             elif cfg.target == "adaptive":  # the concept must be there to be replaced by the candidates
                 if cfg.concept not in prompt:
@@ -244,37 +316,46 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
     sigmas = gen.sigmas(cfg.sampling_steps or gen.default_steps)
     mask_noise = torch.Generator("cpu").manual_seed(cfg.seed + start_step)
     hooks = MaskHooks(gen.transformer, sites, checkpoint_blocks=cfg.block_checkpointing)
-    encode = EncodingCache(gen)
+    encode = EncodingCache(gen, cfg.text_length)
     targets = TargetCache(gen, sigmas, hooks, encode)
+    edits = None
+    if cfg.target == "edit":
+        editor = edit_model(gen, cfg)
+        edits = EditTargetCache(targets, editor, encode if editor is gen else EncodingCache(editor, cfg.text_length), cfg)
+    # Every prompt the loop encodes, so that the encoders can leave the accelerator first; the adaptive
+    # target encodes its candidates' mixtures as it learns them, and keeps them.
+    loop_prompts = [r["prompt"] for r in erase_rows + neutral_rows] + [target_prompt(r["prompt"]) for r in erase_rows]
+    encoders = TextEncodersOff(gen, encode, loop_prompts) if adaptive is None else nullcontext()
     started = time.perf_counter()
     status, steps_done = "finished", start_step
 
     def final_latent(cond, seeds, values):
-        """F(x_T, cond) with the masks `values` ({} = the original model), set inside each step so that
-        checkpointed recomputation during backward uses the same masks."""
+        """F(x_T, cond) with the masks `values` ({} = the original model; NoisePerCall: drawn at every hook
+        call), set inside each step so that checkpointed recomputation during backward uses the same masks."""
         def velocity(x, sigma):
             with hooks.using(values):
                 return gen.velocity(x, sigma, cond)
 
         return sample(velocity, gen.noise(seeds), sigmas, cfg.checkpointing)
 
-    def backward_mse(prompts, seeds, target, leaves, weight) -> torch.Tensor:
-        """mean ||F(x_T, c) - target||² over the batch, backpropagated times `weight` into the mask values
-        `leaves`, a micro-batch at a time: only one micro-batch's activations are alive at once. Its value."""
+    def backward_mse(prompts, seeds, target, applied, inputs, weight) -> torch.Tensor:
+        """mean ||F(x_T, c) - target||² over the batch with the masks `applied`, backpropagated times `weight`
+        into `inputs`, a micro-batch at a time: only one micro-batch's activations are alive at once. Its value."""
         size, micro = len(prompts), cfg.micro_batch or len(prompts)
         total = torch.zeros(())
         for i in range(0, size, micro):
             part = slice(i, i + micro)
-            mse = torch.mean((final_latent(encode(prompts[part]), seeds[part], leaves) - target[part]) ** 2)
+            mse = torch.mean((final_latent(encode(prompts[part]), seeds[part], applied) - target[part]) ** 2)
             mse = mse * (len(prompts[part]) / size)  # every sample has as many entries: the batch's mean
             if torch.isfinite(mse):
-                (weight * mse).backward(inputs=list(leaves.values()))
+                (weight * mse).backward(inputs=inputs)
             total = total + mse.detach()
         return total
 
 
     # ---- loop
-    with hooks:
+    with hooks, encoders, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + start_step)  # the global CPU generator: NoisePerCall's mask noise
         bar = tqdm(range(start_step, cfg.steps), desc=f"erase {cfg.concept}", disable=not progress, unit="step",
                    initial=start_step, total=cfg.steps)
         for step in bar:
@@ -287,28 +368,35 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
             for _ in range(cfg.grad_accum):
                 e_prompts, e_seeds = next(erase_batches)
                 n_prompts, n_seeds = next(neutral_batches)
-                values = masks.values(training=True, generator=mask_noise)  # one mask sample for the whole step
-                # Each term backpropagates on its own into these copies of the values, so that one term's
-                # activations are alive at a time; their gradients reach the logits once, at the end.
-                leaves = {name: v.detach().requires_grad_(True) for name, v in values.items()}
+                if cfg.mask_noise == "per_step":
+                    values = masks.values(training=True, generator=mask_noise)  # one mask sample for the step
+                    # Each term backpropagates on its own into these copies of the values, so that one term's
+                    # activations are alive at a time; their gradients reach the logits once, at the end.
+                    applied = {name: v.detach().requires_grad_(True) for name, v in values.items()}
+                    inputs = list(applied.values())
+                else:  # a mask sample per hook call: each term backpropagates into the logits directly
+                    values, applied, inputs = {}, NoisePerCall(masks), list(masks.logits.values())
                 parts = {}
-                if adaptive is None:
+                if edits is not None:
+                    e_target = edits.get(e_prompts, e_seeds)
+                elif adaptive is None:
                     e_target = targets.get([target_prompt(p) for p in e_prompts], e_seeds)
                 else:
                     # AGE: the target is the original model's output for the candidates' mixture; π ascends
                     # the target's preservation term, the masks descend it (weighted by λ)
                     t_cond = adaptive.conditioning([target_prompt(p) for p in e_prompts], adaptive.weights())
                     t_original = final_latent(t_cond, e_seeds, {})
-                    target_term = torch.mean((final_latent(t_cond, e_seeds, leaves) - t_original) ** 2)
+                    target_term = torch.mean((final_latent(t_cond, e_seeds, applied) - t_original) ** 2)
                     (pi_grad,) = torch.autograd.grad(target_term / cfg.grad_accum, adaptive.logits, retain_graph=True)
                     adaptive.logits.grad = pi_grad if adaptive.logits.grad is None else adaptive.logits.grad + pi_grad
                     if torch.isfinite(target_term):
-                        (cfg.adaptive_lambda * target_term / cfg.grad_accum).backward(inputs=list(leaves.values()))
+                        (cfg.adaptive_lambda * target_term / cfg.grad_accum).backward(inputs=inputs)
                     parts["target_preserve_loss"] = target_term.detach()
                     e_target = t_original.detach()
-                parts["erase_loss"] = backward_mse(e_prompts, e_seeds, e_target, leaves, 1 / cfg.grad_accum)
+                parts["erase_loss"] = backward_mse(e_prompts, e_seeds, e_target, applied, inputs, 1 / cfg.grad_accum)
                 n_target = targets.get(n_prompts, n_seeds)
-                parts["preserve_loss"] = backward_mse(n_prompts, n_seeds, n_target, leaves, cfg.beta / cfg.grad_accum)
+                parts["preserve_loss"] = backward_mse(n_prompts, n_seeds, n_target, applied, inputs,
+                                                      cfg.beta / cfg.grad_accum)
                 parts["penalty"] = sparsity_penalty(masks, cfg)
                 parts["loss"] = (parts["erase_loss"] + cfg.beta * parts["preserve_loss"] + parts["penalty"].detach()
                                  + cfg.adaptive_lambda * parts.get("target_preserve_loss", 0.0))
@@ -316,8 +404,9 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
                     masks.restore(last_good)
                     status = f"stopped: non-finite loss at step {step}"
                     break
-                grads = {name: leaf.grad for name, leaf in leaves.items() if leaf.grad is not None}
-                torch.autograd.backward([values[name] for name in grads], list(grads.values()))
+                grads = {name: applied[name].grad for name in values if applied[name].grad is not None}
+                if grads:
+                    torch.autograd.backward([values[name] for name in grads], list(grads.values()))
                 if parts["penalty"].requires_grad:
                     (parts["penalty"] / cfg.grad_accum).backward()
                 for key, value in parts.items():

@@ -122,3 +122,15 @@ def test_the_flux_models_name_the_papers_recipe():
     assert resolve("flux-tiny", "cat", fixed={"recipe": "paper"}, flags={"steps": 3}).steps == 3  # flags over it
     with pytest.raises(ConfigError, match="toy has no recipe 'paper'; its recipes: none"):
         resolve("toy", "circle", flags={"recipe": "paper"})
+
+
+def test_the_flux_models_name_the_reference_codes_recipe():
+    cfg = resolve("flux.1-schnell", "nudity", flags={"recipe": "reference"})
+    flux_yaml = (cfg.beta, cfg.lr_ffn, cfg.lr_norm, cfg.lr_attn, cfg.parametrisation, cfg.init_logit,
+                 cfg.sampling_steps, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.text_length)
+    assert flux_yaml == (0.1, 0.5, 0.5, 0.0, "hard_concrete", 3.0, 5, 1, 4, 80, 512)
+    assert cfg.shared_noise and cfg.mask_noise == "per_call"
+    with pytest.raises(ConfigError, match="a shared starting noise is one noise"):
+        resolve("flux.1-schnell", "nudity", flags={"recipe": "reference", "noises_per_prompt": 2})
+    with pytest.raises(ConfigError, match="needs the hard-concrete parametrisation"):
+        resolve("flux.1-schnell", "nudity", flags={"recipe": "reference", "parametrisation": "sigmoid"})

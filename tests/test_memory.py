@@ -12,8 +12,8 @@ TOLERANCE = 1e-5  # relative error of the mask gradients, fp32
 
 def first_step_gradients(gen, **settings) -> torch.Tensor:
     """The mask logits' gradient of one optimisation step, read back from Adam's first moment (0.1 x it)."""
-    cfg = TrainConfig(concept="cat", steps=1, batch_size=2, log_every=1, sampling_steps=3, parametrisation="sigmoid",
-                      init_logit=0.5, **settings)
+    cfg = TrainConfig(concept="cat", **{"steps": 1, "batch_size": 2, "log_every": 1, "sampling_steps": 3,
+                                        "parametrisation": "sigmoid", "init_logit": 0.5, **settings})
     states = []
     train(gen, cfg, CAT, NEUTRAL, progress=False, on_log=lambda row, state: states.append(state.resume_point()))
     moments = states[-1]["optimizer"]["state"]
@@ -108,3 +108,16 @@ def test_cached_encodings_are_the_encoders_own(tiny):
     for field in ("prompt_embeds", "pooled", "text_ids"):
         torch.testing.assert_close(getattr(mixed, field), getattr(fresh, field), rtol=1e-6, atol=1e-6)
     assert set(cache.rows) == {"a bowl of fruit", "a red car", "a photo of a cat"}
+
+
+@pytest.mark.parametrize("settings", [
+    dict(checkpointing=True),  # every step recomputed: it must redraw the noise of its forward
+    dict(checkpointing=True, block_checkpointing=True),  # and every block within each step
+])
+def test_mask_noise_per_hook_call_is_redrawn_alike_when_recomputed(tiny, settings):
+    noisy = {"parametrisation": "hard_concrete", "init_logit": 0.5, "mask_noise": "per_call"}
+    plain = first_step_gradients(tiny, checkpointing=False, **noisy)
+    assert plain.abs().sum() > 0
+    assert relative_error(first_step_gradients(tiny, **settings, **noisy), plain) < TOLERANCE
+    # not vacuous: one draw per step is another gradient
+    assert relative_error(first_step_gradients(tiny, **settings, **{**noisy, "mask_noise": "per_step"}), plain) > 1e-3

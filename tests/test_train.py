@@ -60,8 +60,8 @@ def test_targets_and_encodings_are_computed_once_per_prompt_and_noise(tiny, monk
     monkeypatch.setattr(type(tiny), "velocity", counting_velocity)
     cfg = TrainConfig(concept="cat", steps=4, batch_size=1, target="substitute", substitutions={"cat": "dog"})
     train(tiny, cfg, CAT[:1], NEUTRAL[:1], progress=False)
-    # every prompt through the text encoders once: the target's, the concept's, the neutral one
-    assert encoded == [("a photo of a dog",), ("a photo of a cat",), ("a bowl of fruit",)]
+    # every prompt through the text encoders once: the concept's, the neutral one, the target's
+    assert sorted(p for batch in encoded for p in batch) == ["a bowl of fruit", "a photo of a cat", "a photo of a dog"]
     # two targets (the substituted prompt's and the neutral one's), each sampled once over 4 steps
     assert velocities.count(False) == 2 * tiny.default_steps
 
@@ -96,3 +96,53 @@ def test_substitution_map():
         substitute("a landscape", mapping)
     with pytest.raises(PromptError, match="OLD=NEW"):
         parse_substitutions(["no equals sign"])
+
+
+def test_text_encoders_leave_the_device_once_every_prompt_is_encoded(tiny, monkeypatch):
+    events = []
+    encode, velocity, move = type(tiny).encode, type(tiny).velocity, type(tiny).text_encoders_to
+
+    def recording_encode(self, prompts):
+        events.append("encode")
+        return encode(self, prompts)
+
+    def recording_velocity(self, x, sigma, cond):
+        events.append("velocity")
+        return velocity(self, x, sigma, cond)
+
+    def recording_move(self, device):
+        events.append(f"encoders to {device}")
+        return move(self, device)
+
+    monkeypatch.setattr(type(tiny), "encode", recording_encode)
+    monkeypatch.setattr(type(tiny), "velocity", recording_velocity)
+    monkeypatch.setattr(type(tiny), "text_encoders_to", recording_move)
+    cfg = TrainConfig(concept="cat", steps=3, batch_size=2, target="substitute", substitutions={"cat": "dog"})
+    train(tiny, cfg, CAT, NEUTRAL, progress=False)
+    moves = [i for i, e in enumerate(events) if e.startswith("encoders to")]
+    assert [events[i] for i in moves] == ["encoders to cpu", f"encoders to {tiny.device}"]
+    off, back = moves
+    assert "encode" in events[:off] and "encode" not in events[off:]  # all encoding done before they left
+    assert "velocity" not in events[:off] and "velocity" in events[off:back] and back == len(events) - 1
+
+
+def test_a_shared_starting_noise_gives_every_sample_of_both_terms_one_seed():
+    from erase.train import first_seeds, prompt_rows
+
+    cfg = TrainConfig(concept="cat", shared_noise=True, seed=3)
+    erase_first, neutral_first = first_seeds(cfg)
+    rows = prompt_rows(CAT, erase_first, 1, True) + prompt_rows(NEUTRAL, neutral_first, 1, True)
+    assert len(rows) == len(CAT) + len(NEUTRAL) and len({r["seed"] for r in rows}) == 1
+    apart = prompt_rows(CAT, erase_first, 1) + prompt_rows(NEUTRAL, first_seeds(TrainConfig(concept="cat"))[1], 1)
+    assert len({r["seed"] for r in apart}) == len(apart)  # without it, a noise per prompt
+
+
+def test_the_text_length_reaches_the_t5_encoding(tiny, monkeypatch):
+    from erase.train import EncodingCache
+
+    assert EncodingCache(tiny, 7)(["a photo of a cat"]).prompt_embeds.shape[1] == 7
+    assert EncodingCache(tiny)(["a photo of a cat"]).prompt_embeds.shape[1] == tiny.max_text
+    from erase.pipelines import ModelError, load_generator
+
+    with pytest.raises(ModelError, match="drop text_length"):
+        load_generator("toy").encode(["a circle"], text_length=7)

@@ -21,9 +21,12 @@ def add(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="prompts per term per step")
     p.add_argument("--repeats", type=int, default=2, help="timed optimisation steps per row (the fastest counts)")
     p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--targets", metavar="CONCEPT", help="instead: compare the target strategies (empty, substitute, "
-                   "adaptive) erasing this toy-world concept, same settings and seeds, reporting the preservation "
-                   "of its three nearest neighbours in the concept graph")
+    p.add_argument("--targets", metavar="CONCEPT", help="instead: compare the target strategies (--strategies) erasing "
+                   "this toy-world concept, same settings and seeds, reporting the preservation of its three nearest "
+                   "neighbours in the concept graph")
+    p.add_argument("--strategies", default="empty,substitute,adaptive,edit", help="with --targets: the target "
+                   "strategies compared, comma-separated (edit: FlowEdit with the toy world itself, towards the "
+                   "substituted prompt)")
     p.add_argument("--graph", metavar="JSON", help="with --targets: the concept graph (erase graph's graph.json) that "
                    "names the neighbours (default: the one made on the toy world's shipped weights)")
     p.add_argument("--match-erasure", action="store_true", help="with --targets: compare at equal erasure: move each "
@@ -82,15 +85,20 @@ def run_steps(args) -> int:
 
 def run_targets(args) -> int:
     from erase import bench
+    from erase.config import TARGETS
     from erase.errors import EraseError
 
     if args.erasure_level is not None:
         if not args.match_erasure:
             raise EraseError("--erasure-level is the rate --match-erasure matches at: pass both")
         bench.matching_level({}, args.erasure_level)  # a rate out of [0, 1] fails before any training
+    strategies = tuple(comma_list(args.strategies))
+    unknown = [s for s in strategies if s not in TARGETS]
+    if unknown or not strategies:
+        raise EraseError(f"--strategies takes targets from {', '.join(TARGETS)}, got {args.strategies!r}")
     neighbours = bench.graph_neighbours(args.targets, args.graph)
     report = bench.compare_targets(args.targets, neighbours, steps=args.train_steps or 400, match=args.match_erasure,
-                                   level=args.erasure_level, progress=not args.json)
+                                   level=args.erasure_level, strategies=strategies, progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

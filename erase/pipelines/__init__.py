@@ -2,8 +2,10 @@
 
 A generator adapter gives the method exactly what it needs and nothing more:
 
-    gen.encode(prompts)            -> conditioning for a batch of prompts (frozen text encoders): a
-                                      dataclass whose BATCHED fields have a row per prompt
+    gen.encode(prompts, text_length=None)
+                                   -> conditioning for a batch of prompts (frozen text encoders): a
+                                      dataclass whose BATCHED fields have a row per prompt;
+                                      `text_length` tokens per prompt where the encoder allows it
     gen.noise(seeds)               -> starting latents x_T, one per seed, deterministic on any device
     gen.sigmas(num_steps)          -> the scheduler's noise levels, num_steps + 1 values ending at 0
     gen.velocity(x, sigma, cond)   -> the transformer's velocity prediction (fp32 out)
@@ -11,6 +13,8 @@ A generator adapter gives the method exactly what it needs and nothing more:
     gen.mask_sites()               -> the MaskSite list of its transformer
     gen.transformer                -> the module the masks hook into
     gen.model_id, gen.default_steps, gen.guidance, gen.device
+    gen.text_encoders_to(device)   -> optional: move the text encoders (training moves big ones off
+                                      the accelerator once its prompts are encoded)
 
 A model is one `ModelEntry`: how to load it, how to build its architecture without weights,
 where its masks go, and what the rest of the project asks of a model by name (recipe defaults,

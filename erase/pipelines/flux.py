@@ -110,10 +110,20 @@ class FluxGenerator:
         return flux_mask_sites(self.transformer)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> FluxConditioning:
+    def encode(self, prompts: list[str], text_length: int | None = None) -> FluxConditioning:
+        """T5 and CLIP encodings, run wherever the encoders are (see text_encoders_to), on self.device;
+        `text_length` T5 tokens per prompt (None: the model's)."""
+        encoder_device = next(self.pipe.text_encoder_2.parameters()).device
         embeds, pooled, text_ids = self.pipe.encode_prompt(
-            prompt=list(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_text)
-        return FluxConditioning(embeds.to(self.dtype), pooled.to(self.dtype), text_ids)
+            prompt=list(prompts), prompt_2=None, device=encoder_device,
+            max_sequence_length=text_length or self.max_text)
+        return FluxConditioning(embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype),
+                                text_ids.to(self.device))
+
+    def text_encoders_to(self, device) -> None:
+        """Move T5 and CLIP (training moves them off the GPU once its prompts are encoded)."""
+        self.pipe.text_encoder.to(device)
+        self.pipe.text_encoder_2.to(device)
 
     def noise(self, seeds: list[int]) -> torch.Tensor:
         """Packed starting latents, each drawn from its own CPU generator (same on every device)."""
@@ -317,11 +327,22 @@ def eval_sets(concept: str | None) -> dict:
 PAPER_RECIPE = {"batch_size": 4, "lr_ffn": 0.5, "lr_norm": 0.5, "lr_attn": 0.0, "beta": 0.01, "optimizer": "adam",
                 "weight_decay": 0.01, "steps": 400}
 
+# The public reference code's configs/flux.yaml (docs/method.md, section 5): β 0.1, FFN and norm
+# masks at 0.5, heads untrained, hard-concrete from logit 3 (noise bound 0.5 is the
+# parametrisation's own), 5 unrolled steps in training (4 at inference, the model's default),
+# batch 1 with 4-fold accumulation, about 80 optimizer steps, T5 length 512, one starting noise
+# for every sample, and mask noise drawn at every hook call. Its per-block checkpointing is a
+# memory setting, not part of the recipe: the planner (erase plan) switches it on where needed. Its target, a FlowEdit edit made with FLUX.1-dev, needs a substitution map: pass --target edit
+# --substitute OLD=NEW (and --edit-model flux.1-dev) to have it too.
+REFERENCE_RECIPE = {"beta": 0.1, "lr_ffn": 0.5, "lr_norm": 0.5, "lr_attn": 0.0, "parametrisation": "hard_concrete",
+                    "init_logit": 3.0, "sampling_steps": 5, "batch_size": 1, "grad_accum": 4, "steps": 80,
+                    "text_length": 512, "shared_noise": True, "mask_noise": "per_call"}
+
 
 def _entry(name: str, description: str, default_dtype: str = "fp32") -> ModelEntry:
     return ModelEntry(name=name, description=description, load=partial(load, name),
                       meta_transformer=partial(meta_transformer, name), mask_sites=flux_mask_sites,
-                      prompt_sets=prompt_sets, eval_sets=eval_sets, recipes={"paper": PAPER_RECIPE},
+                      prompt_sets=prompt_sets, eval_sets=eval_sets, recipes={"paper": PAPER_RECIPE, "reference": REFERENCE_RECIPE},
                       default_dtype=default_dtype)
 
 

@@ -169,7 +169,9 @@ class ToyGenerator:
         return flux_mask_sites(self.transformer)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> ToyConditioning:
+    def encode(self, prompts: list[str], text_length: int | None = None) -> ToyConditioning:
+        if text_length is not None:
+            raise ModelError(f"the toy world's text encoder reads whole prompts: drop text_length ({text_length})")
         embeds, pooled = self.text_encoder(self.text_encoder.tokenize(list(prompts)).to(self.device))
         cond = ToyConditioning(embeds.to(self.dtype), pooled.to(self.dtype), self._text_ids)
         if self.guidance != 1.0:  # the empty prompt (an empty background) is the negative side

@@ -111,7 +111,7 @@ def prompt_datasets(spec: StudySpec, fixed: dict):
     """The erase, neutral and evaluation rows as materialised Ray Datasets, and the prompt sets' hashes.
 
     Made here once for all trials, from the same prompt_rows `erase train` uses (the seed and the
-    noises per prompt cannot be searched, so every trial shares them). Materialised on this side:
+    starting noises cannot be searched, so every trial shares them). Materialised on this side:
     Ray Data tasks need free CPUs, which running trials hold."""
     import ray.data
 
@@ -126,8 +126,8 @@ def prompt_datasets(spec: StudySpec, fixed: dict):
     erase_first, neutral_first = first_seeds(cfg)
     source = spec.eval_prompts or spec.prompts
     eval_prompts = read_prompts(source, "evaluation prompt", spec.prompt_column) if source else None
-    rows = {"erase": prompt_rows(erase_prompts, erase_first, cfg.noises_per_prompt),
-            "neutral": prompt_rows(neutral_prompts, neutral_first, cfg.noises_per_prompt),
+    rows = {"erase": prompt_rows(erase_prompts, erase_first, cfg.noises_per_prompt, cfg.shared_noise),
+            "neutral": prompt_rows(neutral_prompts, neutral_first, cfg.noises_per_prompt, cfg.shared_noise),
             "eval": evaluation_rows(spec.model, spec.concept, seeds_per_prompt=1, prompts=eval_prompts)}
     hashes = {name: prompts_hash(sorted(r["prompt"] for r in part)) for name, part in rows.items()}
     return {name: ray.data.from_items(part).materialize() for name, part in rows.items()}, hashes
