@@ -49,7 +49,8 @@ def _peak(device: str) -> float:
 
 
 def measure_row(model: str, steps: int, checkpointing: bool, *, batch_size: int = 1, sites=("ffn", "norm"),
-                repeats: int = 2, device: str = "cpu", model_path: str | None = None) -> dict:
+                repeats: int = 2, device: str = "cpu", model_path: str | None = None,
+                block_checkpointing: bool = False) -> dict:
     """One row, measured in this process."""
     from erase.pipelines import load_generator
     from erase.train import train
@@ -57,6 +58,7 @@ def measure_row(model: str, steps: int, checkpointing: bool, *, batch_size: int 
     gen = load_generator(model, model_path, device=device)
     cfg = resolve(model, "bench", flags={"sites": tuple(sites), "steps": 1 + repeats, "batch_size": batch_size,
                                          "sampling_steps": steps, "checkpointing": checkpointing, "log_every": 1,
+                                         "block_checkpointing": block_checkpointing,
                                          "lr_attn": 0.5 if "attn" in sites else 0.0,
                                          "noises_per_prompt": 1})  # one noise: later steps reuse cached targets
     marks: list[float] = []
@@ -78,6 +80,13 @@ def measure_row(model: str, steps: int, checkpointing: bool, *, batch_size: int 
     return {"steps": steps, "checkpointing": checkpointing, "seconds": round(seconds, 4), "peak_mb": round(peak, 1)}
 
 
+# glibc keeps freed heap pages for reuse: the first (untimed) step's activations would be reused by
+# the next without raising the resident set, and a CPU peak would read ~0. With a fixed mmap
+# threshold every allocation over 64 KiB is its own mapping, returned when freed, so the resident
+# set follows the live bytes. (No effect on CUDA figures.)
+ROW_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def run(model: str = "flux-bench", steps_list=(1, 2, 4, 8), *, batch_size: int = 1, sites=("ffn", "norm"),
         repeats: int = 2, device: str = "cpu", model_path: str | None = None, progress: bool = True) -> dict:
     """All rows, each in its own subprocess; returns the report with ratios against the bars."""
@@ -94,7 +103,7 @@ def run(model: str = "flux-bench", steps_list=(1, 2, 4, 8), *, batch_size: int =
         spec = dict(model=model, steps=steps, checkpointing=ckpt, batch_size=batch_size, sites=list(sites),
                     repeats=repeats, device=device, model_path=model_path)
         proc = subprocess.run([sys.executable, "-m", "erase.bench", "--row", json.dumps(spec)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env={**os.environ, **ROW_ENV})
         if proc.returncode != 0:
             raise RuntimeError(f"bench row {spec} failed:\n{proc.stderr[-2000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -117,6 +126,66 @@ def ratios(rows: list[dict]) -> dict:
     if (lo, True) in by and (hi, True) in by and by[lo, True]["peak_mb"] > 0:
         out[f"peak_checkpointed_{hi}_over_{lo}_steps"] = round(by[hi, True]["peak_mb"] / by[lo, True]["peak_mb"], 3)
     return out
+
+
+# ---------------------------------------------------------------- the GPU check of the recipes
+
+
+def check_recipes(model: str, recipes: list[str], *, device: str = "cpu", random_weights: bool = False,
+                  model_path: str | None = None, steps: int = 3, gpu_memory_gb: float | None = None,
+                  progress: bool = True) -> dict:
+    """A few optimisation steps of each recipe as a run takes them (the planner's memory setting),
+    each timed and measured beside the planner's prediction. Seconds per step are the fastest step
+    after the first (which fills the target cache); the peak is over the whole run, weights included.
+
+    On CUDA the peak is torch's peak allocated bytes and the memory is the device's; on a CPU (the
+    twin that the tests run, on flux-bench) the peak resident set, and `gpu_memory_gb` or 80 GiB.
+    `before_gb` is what was in use before the recipe's first step: the weights (and on a CPU the
+    process itself, which the planner does not count).
+    """
+    from dataclasses import replace
+
+    from erase.config import recipe_settings
+    from erase.pipelines import load_generator
+    from erase.plan import plan
+    from erase.prompts import prompt_sets
+    from erase.train import train
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EraseError(f"no CUDA device here ({device}): this check runs on a GPU. Its CPU twin: "
+                         "erase bench --recipe paper --device cpu --model flux-bench")
+    for recipe in recipes:
+        recipe_settings(model, recipe)  # an unknown recipe fails before any weights are built
+    if steps < 2:
+        raise EraseError(f"--check-steps must be at least 2 (the first fills the target cache), got {steps}")
+    gen = load_generator(model, model_path, device=device, random_weights=random_weights)
+    if gpu_memory_gb is None:
+        gpu_memory_gb = (torch.cuda.get_device_properties(device).total_memory / 2**30
+                         if device.startswith("cuda") else 80.0)
+    erase_prompts, neutral_prompts = prompt_sets(model, "cat")
+    rows = []
+    for recipe in recipes:
+        cfg = resolve(model, "cat", flags={"recipe": recipe, "steps": steps, "log_every": 1})
+        predicted = plan(model, cfg, gpu_memory_gb, device=device)
+        cfg = replace(cfg, **predicted["setting"])
+        marks: list[float] = []
+
+        def on_log(row, state, marks=marks):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+        baseline = _reset_peak(device)
+        train(gen, cfg, erase_prompts, neutral_prompts, progress=progress, on_log=on_log)
+        peak = _peak(device) / 1024
+        rows.append({"recipe": recipe, "setting": predicted["setting"], "fits": predicted["fits"],
+                     "seconds_per_step": round(min(b - a for a, b in zip(marks, marks[1:])), 3),
+                     "peak_gb": round(peak, 3), "before_gb": round(baseline / 1024, 3),
+                     "predicted_peak_gb": predicted["peak_gb"], "predicted_gpu_minutes": predicted["gpu_minutes"],
+                     "steps": steps, "samples_per_step": cfg.batch_size * cfg.grad_accum})
+    return {"model": model, "device": device, "random_weights": random_weights, "gpu_memory_gb": gpu_memory_gb,
+            "peak": "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "peak resident set (VmHWM)",
+            "recipes": rows}
 
 
 def _main_row(argv: list[str]) -> None:

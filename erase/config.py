@@ -118,6 +118,9 @@ class TrainConfig:
     threshold: float = setting(0.0, "binarisation threshold: an entry is kept when its logit is above it")
     seed: int = setting(0, "seed of the starting noises, the batch order and the mask noise")
     log_every: int = 10  # steps between log rows (and a trial's reports); set by the caller, not a setting
+    # Set by `resolve`: no layer chose micro_batch or block_checkpointing, so on a GPU a run takes the
+    # planner's cheapest setting that fits (erase.trial.planned_memory); not a setting either.
+    plan_memory: bool = False
 
     def validate(self) -> None:
         checks = [
@@ -170,7 +173,8 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # What a config file, a space (fixed or searched) or a named recipe may set: every field but the
 # concept (given on its own) and log_every (the caller's), plus `recipe` (layer 3) in files.
-SETTINGS = tuple(name for name in FIELDS if name not in ("concept", "log_every"))
+SETTINGS = tuple(name for name in FIELDS if name not in ("concept", "log_every", "plan_memory"))
+MEMORY_SETTINGS = ("micro_batch", "block_checkpointing")  # what the planner chooses unless a layer does
 FILE_KEYS = SETTINGS + ("recipe",)
 NOT_SEARCHABLE = ("seed", "noises_per_prompt", "shared_noise")  # they define the prompt streams, which a study builds once
 _DEFAULTS = TrainConfig(concept="")
@@ -202,6 +206,7 @@ def resolve(model: str, concept: str, *, fixed: dict | None = None, sampled: dic
     values.update(checked(flags, "the flags", SETTINGS + ("log_every",)))
     if values.get("target", TrainConfig.target) not in ("substitute", "edit"):
         values["substitutions"] = {}
+    values["plan_memory"] = not set(MEMORY_SETTINGS) & set(values)
     cfg = TrainConfig(concept=concept, **values)
     cfg.validate()
     return cfg

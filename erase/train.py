@@ -305,6 +305,7 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
         adaptive = AdaptiveTarget(gen, cfg.concept, gen.model_id, AdaptiveConfig(
             k=cfg.adaptive_k, temperature=cfg.adaptive_temperature, hard=cfg.adaptive_hard, top_k=cfg.adaptive_top_k,
             lr=cfg.adaptive_lr, lam=cfg.adaptive_lambda, vocabulary=cfg.vocabulary), seed=cfg.seed)
+    editor = edit_model(gen, cfg) if cfg.target == "edit" else None
     history: list[dict] = []
     start_step = 0
     if resume is not None:
@@ -319,8 +320,7 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
     encode = EncodingCache(gen, cfg.text_length)
     targets = TargetCache(gen, sigmas, hooks, encode)
     edits = None
-    if cfg.target == "edit":
-        editor = edit_model(gen, cfg)
+    if editor is not None:
         edits = EditTargetCache(targets, editor, encode if editor is gen else EncodingCache(editor, cfg.text_length), cfg)
     # Every prompt the loop encodes, so that the encoders can leave the accelerator first; the adaptive
     # target encodes its candidates' mixtures as it learns them, and keeps them.

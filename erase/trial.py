@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -101,6 +102,7 @@ def run_trial(gen, cfg: TrainConfig, erase_prompts: list, neutral_prompts: list,
     mask_file_meta = dict(model_id=gen.model_id, model_sites=gen.mask_sites(), concept=cfg.concept,
                           threshold=cfg.threshold)
     latest = {"point": resume}
+    cfg = planned_memory(cfg, gen.model_id, gen.device)
 
     def make_report(row: dict, masks: Masks, final: bool = False, result: TrainResult | None = None) -> Report:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
@@ -129,6 +131,28 @@ def run_trial(gen, cfg: TrainConfig, erase_prompts: list, neutral_prompts: list,
         reporter.fail(err)
         raise
     return result
+
+
+def planned_memory(cfg: TrainConfig, model: str, device) -> TrainConfig:
+    """`cfg` with the planner's cheapest memory setting that fits the GPU (erase plan: micro-batch,
+    per-block checkpointing), when it runs on CUDA, the planner knows the model and no layer of the
+    configuration chose either setting; else `cfg` as it is. Says what it chose on stderr."""
+    from erase.plan import PlanError, flux_spec, plan
+
+    if not cfg.plan_memory or torch.device(device).type != "cuda":
+        return cfg
+    try:
+        flux_spec(model)
+    except PlanError:
+        return cfg
+    memory_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+    chosen = plan(model, cfg, memory_gb, device=str(device))
+    setting = chosen["setting"]
+    print(f"erase: memory setting from the planner: micro-batch {setting['micro_batch'] or 'the whole batch'}, "
+          f"per-block checkpointing {'on' if setting['block_checkpointing'] else 'off'}; predicted peak "
+          f"{chosen['peak_gb']:.1f} of {memory_gb:.0f} GiB{'' if chosen['fits'] else ' (does not fit: see erase plan)'}",
+          file=sys.stderr)
+    return replace(cfg, **setting)
 
 
 def trial_figures(figures: dict) -> dict:

@@ -150,3 +150,22 @@ def test_target_comparison_trains_with_the_recipes_settings_for_the_concept(monk
     assert report["strategies"]["adaptive"]["learnt_target"]
     logged = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench targets: striped")]
     assert [line.split()[3] for line in logged] == ["empty", "substitute", "adaptive"]  # one line per run
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_cpu_twin_runs_both_recipes_beside_the_planner():
+    report = bench.check_recipes("flux-bench", ["paper", "reference"], steps=2, progress=False)
+    assert [r["recipe"] for r in report["recipes"]] == ["paper", "reference"]
+    for r in report["recipes"]:
+        assert r["seconds_per_step"] > 0 and r["peak_gb"] >= r["before_gb"] > 0
+        assert r["predicted_peak_gb"] > 0 and r["fits"] and set(r["setting"]) == {"micro_batch", "block_checkpointing"}
+    paper, reference = report["recipes"]
+    assert (paper["samples_per_step"], reference["samples_per_step"]) == (4, 4)  # batch 4; batch 1 x 4 accumulated
+
+
+def test_the_gpu_check_says_what_to_run_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(EraseError, match="no CUDA device here.*--device cpu --model flux-bench"):
+        bench.check_recipes("flux.1-schnell", ["paper"], device="cuda", random_weights=True)
+    with pytest.raises(EraseError, match="has no recipe 'fast'"):
+        bench.check_recipes("flux-bench", ["fast"])

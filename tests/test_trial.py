@@ -73,3 +73,28 @@ def test_a_non_finite_loss_ends_the_trial_with_its_last_good_masks(tiny, tmp_pat
                        CAT, NEUTRAL, reporter)
     assert result.status.startswith("stopped: non-finite loss") and 0 < result.steps_done < 20
     assert mask.exists() and reporter.metrics["status"] == result.status and result.masks.is_finite()
+
+
+def test_on_a_gpu_the_planner_sets_the_memory_setting_unless_a_layer_chose_it(monkeypatch):
+    import types
+
+    import erase.plan
+    from erase.config import resolve
+    from erase.trial import planned_memory
+
+    asked = []
+
+    def fake_plan(model, cfg, memory_gb, device):
+        asked.append((model, memory_gb, device))
+        return {"setting": {"micro_batch": 1, "block_checkpointing": True}, "peak_gb": 70.0, "fits": True}
+
+    monkeypatch.setattr(erase.plan, "plan", fake_plan)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * 2**30))
+    free = resolve("flux.1-schnell", "nudity", flags={"recipe": "paper"})
+    planned = planned_memory(free, "flux.1-schnell", "cuda:0")
+    assert (planned.micro_batch, planned.block_checkpointing) == (1, True) and asked == [("flux.1-schnell", 80.0, "cuda:0")]
+    told = resolve("flux.1-schnell", "nudity", flags={"recipe": "paper", "micro_batch": 2})
+    assert planned_memory(told, "flux.1-schnell", "cuda:0") == told  # the user's choice stands
+    assert planned_memory(free, "flux.1-schnell", "cpu") == free  # a CPU run is not planned
+    assert planned_memory(resolve("toy", "circle"), "toy", "cuda:0").micro_batch is None  # nor a model it does not know
+    assert len(asked) == 1

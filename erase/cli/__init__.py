@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("sweep", "promote", "masks", "train", "eval", "graph", "sites", "bench")
+COMMANDS = ("sweep", "promote", "masks", "train", "eval", "graph", "sites", "bench", "plan")
 
 EXAMPLES = """examples (the toy world is the default model):
   erase sweep                                            a small sweep for 'striped' on a local Ray

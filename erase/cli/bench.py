@@ -1,8 +1,10 @@
-"""time and peak memory of one optimisation step, checkpointed and plain
+"""time and peak memory of one optimisation step, checkpointed and plain; the GPU check of the recipes
 
 Run the erasure step on a random model for several sampling-step counts, with step-wise
-checkpointing on and off, each row in a fresh process. Or, with --targets or --search, the
-toy world's benchmarks of the target strategies and of the search.
+checkpointing on and off, each row in a fresh process. Or, with --recipe, a few steps of the
+named recipes beside the planner's prediction (erase bench --recipe paper,reference --device cuda
+--model flux.1-schnell --random-weights on an H100). Or, with --targets or --search, the toy
+world's benchmarks of the target strategies and of the search.
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ def add(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="prompts per term per step")
     p.add_argument("--repeats", type=int, default=2, help="timed optimisation steps per row (the fastest counts)")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--recipe", metavar="NAMES", help="instead: the GPU check. A few optimisation steps of each "
+                   "named recipe (comma-separated, e.g. paper,reference) at the model's resolution, with the memory "
+                   "setting the planner picks (erase plan): seconds per step and peak memory beside the planner's "
+                   "prediction. For the cluster: --device cuda --model flux.1-schnell --random-weights; its CPU twin: "
+                   "--device cpu --model flux-bench")
+    p.add_argument("--random-weights", action="store_true", help="with --recipe: build the checkpoint's architecture "
+                   "with random weights (nothing downloaded)")
+    p.add_argument("--check-steps", type=int, default=3, help="with --recipe: optimisation steps per recipe (the first "
+                   "fills the target cache and is not timed)")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="with --recipe: the memory the planner fits the "
+                   "setting to (default: the CUDA device's; 80 on a CPU)")
     p.add_argument("--targets", metavar="CONCEPT", help="instead: compare the target strategies (--strategies) erasing "
                    "this toy-world concept, same settings and seeds, reporting the preservation of its three nearest "
                    "neighbours in the concept graph")
@@ -51,6 +64,8 @@ def add(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.recipe:
+        return run_recipes(args)
     if args.targets:
         return run_targets(args)
     if args.search:
@@ -80,6 +95,26 @@ def run_steps(args) -> int:
         print(f"{r['steps']:>5} {str(r['checkpointing']):>13} {r['seconds']:>9.3f} {r['peak_mb']:>9.1f}")
     for name, value in report["ratios"].items():
         print(f"{name}: {value}")
+    return 0
+
+
+def run_recipes(args) -> int:
+    from erase import bench
+
+    report = bench.check_recipes(args.model, comma_list(args.recipe), device=args.device,
+                                 random_weights=args.random_weights, model_path=args.model_path,
+                                 steps=args.check_steps, gpu_memory_gb=args.gpu_memory, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['model']} on {report['device']}{' (random weights)' if report['random_weights'] else ''}, "
+          f"fitted to {report['gpu_memory_gb']:.0f} GB; peak: {report['peak']}")
+    print(f"{'recipe':<10} {'setting':<28} {'s/step':>8} {'peak GB':>8} {'predicted':>10} {'GPU-min/run':>12}")
+    for r in report["recipes"]:
+        blocks = "checkpointed" if r["setting"]["block_checkpointing"] else "plain"
+        setting = f"micro-batch {r['setting']['micro_batch'] or 'whole'}, blocks {blocks}"
+        print(f"{r['recipe']:<10} {setting:<28} {r['seconds_per_step']:>8.3f} {r['peak_gb']:>8.2f} "
+              f"{r['predicted_peak_gb']:>10.2f} {r['predicted_gpu_minutes']:>12.1f}")
     return 0
 
 

@@ -34,7 +34,8 @@ def add(subparsers) -> None:
     p.add_argument("--config", metavar="YAML", help="settings from a file: the keys a space's `fixed:` takes "
                    "(flags override them)")
     p.add_argument("--recipe", help="a named recipe of the model: settings between its defaults and --config "
-                   "(FLUX.1: paper, the paper's Table 6; docs/method.md)")
+                   "(FLUX.1: paper, the paper's Table 6; reference, the reference code's configs/flux.yaml; "
+                   "docs/method.md)")
     config.add_flags(p)
     p.add_argument("--tracking-uri", help="also log the run to MLflow (e.g. sqlite:///mlflow.db or http://host:5000)")
     p.add_argument("--json", action="store_true", help="print the metrics JSON instead of a summary")

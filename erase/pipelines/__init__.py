@@ -96,6 +96,7 @@ class ModelEntry:
     graph_concepts: tuple[str, ...] = ()  # what `erase graph` erases when no --concepts are given
     concept_graph: str | None = None  # a concept graph (graph.json) made on this model's weights
     default_dtype: str = "fp32"  # the weights' dtype unless asked otherwise
+    load_random: Callable[..., object] | None = None  # (*, dtype, device, guidance) -> its architecture, random weights
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -130,8 +131,9 @@ def model(name: str) -> ModelEntry:
 
 
 def load_generator(name: str, model_path: str | None = None, *, dtype: str | None = None, device: str = "cpu",
-                   guidance: float | None = None):
-    """Build the generator of model `name`, with weights from `model_path` if given.
+                   guidance: float | None = None, random_weights: bool = False):
+    """Build the generator of model `name`, with weights from `model_path` if given, or with
+    `random_weights` (the architecture alone, nothing downloaded: for checks on new hardware).
 
     `dtype`: fp32, bf16 or fp16 for the model's weights (mask logits stay fp32 whatever it is);
     None takes the model's default: bf16 for the FLUX.1 checkpoints, fp32 for the others.
@@ -143,6 +145,13 @@ def load_generator(name: str, model_path: str | None = None, *, dtype: str | Non
     dtype = dtype or entry.default_dtype
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if random_weights:
+        if model_path is not None:
+            raise ModelError("random weights need no --model-path: pass one or the other")
+        if entry.load_random is None:
+            raise ModelError(f"{name} has no random-weights build; models that have one: "
+                             f"{', '.join(n for n, e in models().items() if e.load_random) or 'none'}")
+        return entry.load_random(dtype=DTYPES[dtype], device=device, guidance=guidance)
     return entry.load(model_path, dtype=DTYPES[dtype], device=device, guidance=guidance)
 
 

@@ -38,6 +38,9 @@ RANDOM_CONFIGS = {
                          joint_attention_dim=32, pooled_projection_dim=16, in_channels=16, axes_dims_rope=(2, 2, 4)),
         vae_blocks=(8, 16), latent_channels=4, size=16, steps=4, max_text=64,
     ),
+    # one block of each kind at FLUX.1's own width (3072), for checking the planner's bytes per token
+    "flux-wide": dict(transformer=dict(num_layers=1, num_single_layers=1), vae_blocks=(16, 32), latent_channels=16,
+                      size=128, steps=2, max_text=64),
     "flux-bench": dict(
         transformer=dict(num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=6,
                          joint_attention_dim=256, pooled_projection_dim=128, in_channels=64, axes_dims_rope=(8, 28, 28)),
@@ -190,7 +193,7 @@ def load(model: str, model_path: str | None, *, dtype: torch.dtype = torch.float
         if model_path is not None:
             pipe = _from_pretrained(model_path, torch_dtype, local=True)
         else:
-            pipe = build_random_pipeline(model)
+            pipe = build_random_pipeline(spec)
             if torch_dtype != torch.float32:
                 pipe.to(dtype=torch_dtype)
         default_guidance = 0.0
@@ -237,15 +240,41 @@ def byte_tokenizer(max_length: int):
                                    model_max_length=max_length)
 
 
-def build_random_pipeline(model: str, seed: int = 0):
-    """A FluxPipeline of the FLUX.1 architecture from a small config, with random weights."""
+def random_twin(model: str) -> dict:
+    """A checkpoint's config for random weights (no download): its own transformer at full size, a
+    one-layer T5 and CLIP of the widths it reads, and a VAE of its latent shape with 8 channels a
+    level. What its memory and time are made of is the transformer; the rest stands in."""
+    transformer = meta_transformer(model).config
+    return dict(transformer=dict(guidance_embeds=transformer.guidance_embeds), vae_blocks=(8, 8, 8, 8),
+                latent_channels=16, **{k: CHECKPOINTS[model][k] for k in ("size", "steps", "max_text")})
+
+
+def load_random(model: str, *, dtype: torch.dtype, device: str = "cpu", guidance: float | None = None) -> FluxGenerator:
+    """A checkpoint's architecture with random weights, built on `device` in `dtype` directly (the
+    12B transformer in fp32 first would need 48 GB more)."""
+    spec = random_twin(model)
+    default_dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            pipe = build_random_pipeline(spec)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    pipe.to(device)
+    return FluxGenerator(pipe, model, size=spec["size"], default_steps=spec["steps"],
+                         guidance=CHECKPOINTS[model]["guidance"] if guidance is None else float(guidance),
+                         max_text=spec["max_text"], device=device, dtype=dtype)
+
+
+def build_random_pipeline(spec: dict | str, seed: int = 0):
+    """A FluxPipeline of the FLUX.1 architecture from a config (RANDOM_CONFIGS, random_twin), random weights."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    spec = RANDOM_CONFIGS[model]
-    tcfg = spec["transformer"]
+    spec = RANDOM_CONFIGS[spec] if isinstance(spec, str) else spec
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**tcfg)
+    transformer = FluxTransformer2DModel(**spec["transformer"])
+    tcfg = transformer.config  # the text encoders' widths are the ones it reads
     vocab_size = 256 + 3
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=tcfg["pooled_projection_dim"], intermediate_size=2 * tcfg["pooled_projection_dim"],
@@ -341,6 +370,7 @@ REFERENCE_RECIPE = {"beta": 0.1, "lr_ffn": 0.5, "lr_norm": 0.5, "lr_attn": 0.0, 
 
 def _entry(name: str, description: str, default_dtype: str = "fp32") -> ModelEntry:
     return ModelEntry(name=name, description=description, load=partial(load, name),
+                      load_random=partial(load_random, name) if name in CHECKPOINTS else None,
                       meta_transformer=partial(meta_transformer, name), mask_sites=flux_mask_sites,
                       prompt_sets=prompt_sets, eval_sets=eval_sets, recipes={"paper": PAPER_RECIPE, "reference": REFERENCE_RECIPE},
                       default_dtype=default_dtype)
@@ -356,4 +386,6 @@ ENTRIES = [
            default_dtype="bf16"),
     _entry("flux-tiny", "FLUX.1 architecture, tiny random config (tests)"),
     _entry("flux-bench", "FLUX.1 architecture, ~20M-parameter random config (benchmarks)"),
+    _entry("flux-wide", "FLUX.1 architecture, one block of each kind at full width, random (the planner's check)",
+           default_dtype="bf16"),
 ]
