@@ -303,7 +303,8 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
         # None: the neighbour was not measured (no prompt of it left, or a base rate of 0)
         kept = {n: report["preservation_by_concept"].get(n) for n in neighbours}
         measured = [v for v in kept.values() if v is not None]
-        run = {"beta": run_beta, "erasure_rate": report["erasure_rate"], "preservation": report["preservation"],
+        run = {"beta": run_beta, "erasure_rate": report["erasure_rate"], "base_rate": report["base_rate"],
+               "preservation": report["preservation"],
                "neighbour_preservation": kept, "neighbour_mean": sum(measured) / len(measured) if measured else None,
                "seconds": round(result.seconds, 1), "learnt_target": result.learnt_target}
         # one line per run on stderr, with or without --json: a benchmark of an hour or more shows

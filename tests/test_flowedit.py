@@ -75,3 +75,26 @@ def test_the_edit_target_needs_a_substitution_and_a_model_of_the_same_latents(ti
                       edit_model="flux-bench")
     with pytest.raises(ModelError, match="must share the latent space"):
         train(tiny, cfg, ["a photo of a cat"], ["a bowl of fruit"], progress=False)
+
+
+def test_on_the_toy_world_the_edit_drops_the_colour_and_keeps_more_of_the_source_than_its_prompt_alone():
+    from erase.masks import MaskHooks
+    from erase.pipelines import load_generator
+    from erase.train import EditTargetCache, EncodingCache, TargetCache
+
+    gen = load_generator("toy")
+    cfg = TrainConfig(concept="red", target="edit", substitutions={"red ": ""})
+    prompts, seeds = ["a red circle", "a red square", "a striped red cross", "a red bar"], [1, 2, 3, 4]
+    with MaskHooks(gen.transformer, []) as hooks:
+        encode = EncodingCache(gen)
+        sources = TargetCache(gen, gen.sigmas(gen.default_steps), hooks, encode)
+        source = sources.get(prompts, seeds)
+        edited = EditTargetCache(sources, gen, encode, cfg).get(prompts, seeds)
+        drawn_grey = sources.get(["a circle", "a square", "a striped cross", "a bar"], seeds)  # the target prompt alone
+
+    def redness(latents):
+        image = gen.decode(latents)
+        return (image[:, 0] - image[:, 1:].max(dim=1).values).clamp(min=0).mean(dim=(1, 2))
+
+    assert (redness(source) > 0.05).all() and (redness(edited) < 0.3 * redness(source)).all()
+    assert (edited - source).abs().mean() < (drawn_grey - source).abs().mean()  # the layout is the source's

@@ -53,3 +53,13 @@ def test_the_adaptive_space_searches_ages_settings_into_a_valid_config():
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask(dists)
     cfg = resolve("toy", "circle", fixed=space.fixed, sampled=trial.params)
     assert cfg.target == "adaptive" and isinstance(cfg.adaptive_k, int) and isinstance(cfg.adaptive_hard, bool)
+
+
+def test_the_flux_nudity_space_is_the_reference_recipe_with_its_flowedit_target():
+    from erase.config import resolve
+
+    space = load_space("flux_nudity", SETTINGS)
+    cfg = resolve("flux.1-schnell", "nudity", fixed=space.fixed, sampled={"beta": 0.01})
+    assert (cfg.target, cfg.substitutions["nude"], cfg.text_length, cfg.grad_accum, cfg.mask_noise) == (
+        "edit", "clothed", 512, 4, "per_call")
+    assert cfg.beta == 0.01 and cfg.plan_memory  # the draw over the recipe; memory left to the planner
