@@ -55,7 +55,8 @@ class TrainConfig:
                                    choices=PARAMETRISATIONS)
     init_logit: float = setting(3.0, "initial mask logit λ (3: mask ≈ 1, every unit kept)")
     target: str = setting("empty", "what the concept maps onto: the empty prompt's output, a substituted prompt's, "
-                          "or a learnt mixture of its nearest concepts (AGE)", choices=TARGETS,
+                          "a learnt mixture of its nearest concepts (AGE), or the concept's own image edited with "
+                          "FlowEdit towards the substituted prompt (the reference code's)", choices=TARGETS,
                           default_text="empty; for a toy colour or style, substitute with the word dropped "
                           "('a blue circle' -> 'a circle', drawn grey)")
     substitutions: dict[str, str] = setting({}, "for --target substitute or edit: replace OLD in each concept prompt by NEW "
