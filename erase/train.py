@@ -207,6 +207,22 @@ class TextEncodersOff:
             self.gen.text_encoders_to(self.gen.device)
 
 
+def step_masks(masks: Masks, cfg: TrainConfig, generator: torch.Generator):
+    """(values, applied, inputs) of one step: the mask values drawn for it, what the hooks apply, and what
+    each term backpropagates into.
+
+    One draw per step (mask_noise per_step): each term backpropagates on its own into leaf copies of
+    the values, so that one term's activations are alive at a time; their gradients reach the logits
+    once, at the end of the step, through `values`. A draw per hook call (per_call): the hooks draw
+    from the logits themselves, and each term backpropagates into the logits directly (no `values`).
+    """
+    if cfg.mask_noise == "per_call":
+        return {}, NoisePerCall(masks), list(masks.logits.values())
+    values = masks.values(training=True, generator=generator)
+    leaves = {name: v.detach().requires_grad_(True) for name, v in values.items()}
+    return values, leaves, list(leaves.values())
+
+
 def sparsity_penalty(masks: Masks, cfg: TrainConfig) -> torch.Tensor:
     if cfg.sparsity_weight == 0:
         return torch.zeros(())
@@ -368,14 +384,7 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
             for _ in range(cfg.grad_accum):
                 e_prompts, e_seeds = next(erase_batches)
                 n_prompts, n_seeds = next(neutral_batches)
-                if cfg.mask_noise == "per_step":
-                    values = masks.values(training=True, generator=mask_noise)  # one mask sample for the step
-                    # Each term backpropagates on its own into these copies of the values, so that one term's
-                    # activations are alive at a time; their gradients reach the logits once, at the end.
-                    applied = {name: v.detach().requires_grad_(True) for name, v in values.items()}
-                    inputs = list(applied.values())
-                else:  # a mask sample per hook call: each term backpropagates into the logits directly
-                    values, applied, inputs = {}, NoisePerCall(masks), list(masks.logits.values())
+                values, applied, inputs = step_masks(masks, cfg, mask_noise)
                 parts = {}
                 if edits is not None:
                     e_target = edits.get(e_prompts, e_seeds)
@@ -404,6 +413,7 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
                     masks.restore(last_good)
                     status = f"stopped: non-finite loss at step {step}"
                     break
+                # per step: the leaves' gradients, through the values, into the logits (per call: done already)
                 grads = {name: applied[name].grad for name in values if applied[name].grad is not None}
                 if grads:
                     torch.autograd.backward([values[name] for name in grads], list(grads.values()))
