@@ -140,16 +140,16 @@ def test_target_comparison_trains_with_the_recipes_settings_for_the_concept(monk
 
     monkeypatch.setattr(erase.train, "train", spy)
     report = bench.compare_targets("striped", ["solid", "outlined"], steps=2, seeds_per_prompt=1, progress=False)
-    assert [c.target for c in configs] == ["empty", "substitute", "adaptive"]
+    assert [c.target for c in configs] == ["empty", "substitute", "adaptive", "edit"]
     recipe = recipe_defaults("toy", "striped")
     assert all(c.noises_per_prompt == recipe["noises_per_prompt"] and c.beta == recipe["beta"] for c in configs)
-    assert configs[1].substitutions == {"striped": ""} and configs[0].substitutions == {}
+    assert configs[1].substitutions == configs[3].substitutions == {"striped": ""} and configs[0].substitutions == {}
     assert report["substitute"] == "striped=''"
     for result in report["strategies"].values():
         assert set(result["neighbour_preservation"]) == {"solid", "outlined"}
     assert report["strategies"]["adaptive"]["learnt_target"]
     logged = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench targets: striped")]
-    assert [line.split()[3] for line in logged] == ["empty", "substitute", "adaptive"]  # one line per run
+    assert [line.split()[3] for line in logged] == ["empty", "substitute", "adaptive", "edit"]  # one line per run
 
 
 @pytest.mark.slow
