@@ -156,9 +156,8 @@ class RunLogger:
             raise TrackingError(f"experiment {experiment_name(model, concept)!r} is missing: the driver creates it "
                                 "before trials start (erase.tracking.ensure_experiment)")
         if run_id is None and tags.get("erase.trial") and tags.get("erase.sweep"):
-            same = self.client.search_runs([experiment_id.experiment_id], max_results=1, filter_string=(
-                f"tags.`erase.sweep` = '{tags['erase.sweep']}' and tags.`erase.trial` = '{tags['erase.trial']}'"))
-            run_id = same[0].info.run_id if same else None
+            same = _trial_run(self.client, experiment_id.experiment_id, tags["erase.sweep"], tags["erase.trial"])
+            run_id = same.info.run_id if same else None
         if run_id is not None:  # a retried worker continues its run
             self.run_id = run_id
             return
@@ -205,6 +204,33 @@ class RunLogger:
     def fail(self, reason: str) -> None:
         self.client.set_tag(self.run_id, "erase.failure", reason[:4000])
         self.client.set_terminated(self.run_id, "FAILED")
+
+
+def _trial_run(client, experiment_id: str, sweep_id: str, trial_id: str):
+    """The MLflow run of one sweep trial (tags erase.sweep and erase.trial), or None."""
+    runs = client.search_runs([experiment_id], max_results=1, filter_string=(
+        f"tags.`erase.sweep` = '{sweep_id}' and tags.`erase.trial` = '{trial_id}'"))
+    return runs[0] if runs else None
+
+
+def end_trial_run(tracking_uri: str, model: str, concept: str, sweep_id: str, trial_id: str, status: str,
+                  reason: str) -> str | None:
+    """End a sweep trial's run that its worker could not end (ASHA stopped it: KILLED; its driver
+    died: FAILED), with `reason` as the tag erase.status. A run that already ended is left as it is.
+    Returns the run's status afterwards, None when the trial has no run."""
+    quiet_mlflow()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name(model, concept))
+    run = _trial_run(client, experiment.experiment_id, sweep_id, trial_id) if experiment else None
+    if run is None:
+        return None
+    if run.info.status == "RUNNING":
+        client.set_tag(run.info.run_id, "erase.status", reason[:4000])
+        client.set_terminated(run.info.run_id, status)
+        return status
+    return run.info.status
 
 
 def _param(key: str, value):

@@ -217,3 +217,54 @@ def test_a_study_spec_written_by_an_older_version_still_resumes(tmp_path):
     saved.write_text(json.dumps({"sweep_id": "s", "concept": "circle", "gpus_per_trial": 2}))
     with pytest.raises(SweepError, match="does not know \\(gpus_per_trial\\)"):
         StudySpec.read(str(saved))
+
+
+@pytest.mark.slow
+def test_trials_that_asha_stops_end_their_mlflow_runs_killed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text(TINY_SPACE.replace("steps: 4", "steps: 8"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    (tmp_path / "markers").mkdir()
+    monkeypatch.setenv("ERASE_TEST_MARKERS", str(tmp_path / "markers"))
+    specs = plan("toy", ["circle"], str(space), 4, str(tmp_path / "sweeps"), tracking_uri=uri, report_every=2,
+                 grace_steps=2, reporter="scored_reporter:FallingScore", detector={"name": "toy"})
+    (summary,) = run_sweep(specs, poll=0.5)
+    stopped = {t["trial"] for t in summary["trials"] if t["status"] == "stopped"}
+    assert len(stopped) >= 2, summary["trials"]  # trials 3 and 4 start after a better one passed the first rung
+    _, runs = _runs(uri, "circle")
+    assert len(runs) == 4 and not [r for r in runs if r.info.status == "RUNNING"]
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert len(killed) == len(stopped)
+    assert all(r.data.tags["erase.status"].startswith("stopped by ASHA at step ") for r in killed)
+
+
+def test_the_run_closer_ends_only_runs_their_workers_left_running(tmp_path):
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from erase.sweep.spec import StudySpec
+    from erase.sweep.study import run_closer
+    from erase.tracking import RunLogger, ensure_experiment, connect
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    connect(uri)
+    ensure_experiment("toy", "circle")
+    spec = StudySpec(model="toy", concept="circle", space="default", trials=3, storage=str(tmp_path), sweep_id="s1",
+                     tracking_uri=uri)
+    loggers = {t: RunLogger(uri, "toy", "circle", run_name=t, params={}, tags={"erase.sweep": "s1", "erase.trial": t})
+               for t in ("t_00001", "t_00002", "t_00003")}
+    closer = run_closer(spec)
+    closer.on_trial_complete(0, [], SimpleNamespace(trial_id="t_00001", last_result={"step": 4, "final": 0}))
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Failure # 1\nTraceback (most recent call last):\n  ...\nRuntimeError: node lost\n")
+    closer.on_trial_error(0, [], SimpleNamespace(trial_id="t_00002", error_file=str(error_file)))
+    MlflowClient(uri).set_terminated(loggers["t_00003"].run_id, "FINISHED")  # its worker ended it
+    closer.on_trial_complete(0, [], SimpleNamespace(trial_id="t_00003", last_result={"step": 8, "final": 1}))
+    runs = {t: MlflowClient(uri).get_run(logger.run_id) for t, logger in loggers.items()}
+    assert runs["t_00001"].info.status == "KILLED" and runs["t_00001"].data.tags["erase.status"] == "stopped by ASHA at step 4"
+    assert runs["t_00002"].info.status == "FAILED"
+    assert runs["t_00002"].data.tags["erase.status"] == "trial error: RuntimeError: node lost"
+    assert runs["t_00003"].info.status == "FINISHED" and "erase.status" not in runs["t_00003"].data.tags

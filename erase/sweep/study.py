@@ -67,7 +67,7 @@ def run_study(spec: StudySpec) -> dict:
         os.makedirs(spec.study_dir, exist_ok=True)
     progress = ProgressFile(os.path.join(spec.study_dir if local else tempfile.gettempdir(), "progress.json"),
                             spec.concept, spec.trials)
-    if tune.Tuner.can_restore(path):
+    if tune.Tuner.can_restore(path):  # a restored Tuner keeps the callbacks it was made with
         tuner = tune.Tuner.restore(path, trainable=name, resume_errored=True)
     else:
         tuner = _new_tuner(spec, space, name, progress, local)
@@ -91,7 +91,7 @@ def _new_tuner(spec: StudySpec, space, trainable: str, progress: "ProgressFile",
         tune_config=tune.TuneConfig(search_alg=searcher, metric="score", mode="max", num_samples=spec.trials,
                                     max_concurrent_trials=spec.max_concurrent, scheduler=scheduler),
         run_config=tune.RunConfig(name="study", storage_path=join(spec.study_dir, "tune"), verbose=0,
-                                  callbacks=[progress.callback]))
+                                  callbacks=[progress.callback, run_closer(spec)]))
 
 
 def tpe_sampler(spec: StudySpec):
@@ -158,6 +158,39 @@ def summary(spec: StudySpec, results, local: bool) -> dict:
             with open(os.path.join(best["checkpoint_path"], RUN_FILE)) as f:
                 best["mlflow_run_id"] = json.load(f).get("mlflow_run_id")
     return out
+
+
+def run_closer(spec: StudySpec):
+    """A Tune callback that ends the MLflow run of a trial whose worker could not: a trial ASHA stops is
+    killed with its Train worker, mid-report (KILLED, "stopped by ASHA at step N"); a trial that
+    errors may have lost the process that held its run (FAILED, with Tune's error)."""
+    from ray import tune
+
+    from erase.tracking import end_trial_run
+
+    def end(trial, status: str, reason: str) -> None:
+        end_trial_run(spec.tracking_uri, spec.model, spec.concept, spec.sweep_id, trial.trial_id, status, reason)
+
+    class _RunCloser(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            if not result.get("final"):  # a finished trial's worker ended its run itself
+                end(trial, "KILLED", f"stopped by ASHA at step {result.get('step')}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            end(trial, "FAILED", f"trial error: {last_error_line(trial)}")
+
+    return _RunCloser()
+
+
+def last_error_line(trial) -> str:
+    """The last line of a Tune trial's error file (the exception itself), or "unknown" without one."""
+    path = getattr(trial, "error_file", None)
+    if not path or not os.path.isfile(path):
+        return "unknown"
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else "unknown"
 
 
 class ProgressFile:
