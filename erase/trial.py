@@ -102,7 +102,6 @@ def run_trial(gen, cfg: TrainConfig, erase_prompts: list, neutral_prompts: list,
     mask_file_meta = dict(model_id=gen.model_id, model_sites=gen.mask_sites(), concept=cfg.concept,
                           threshold=cfg.threshold)
     latest = {"point": resume}
-    cfg = planned_memory(cfg, gen.model_id, gen.device)
 
     def make_report(row: dict, masks: Masks, final: bool = False, result: TrainResult | None = None) -> Report:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
@@ -121,6 +120,7 @@ def run_trial(gen, cfg: TrainConfig, erase_prompts: list, neutral_prompts: list,
             reporter.report(make_report(row, state.masks))
 
     try:
+        cfg = planned_memory(cfg, gen.model_id, gen.device)  # inside: a failure here reaches the reporter too
         try:
             result = train(gen, cfg, erase_prompts, neutral_prompts, progress=progress, on_log=on_log, resume=resume)
         except TrainingStopped as stopped:  # non-finite: the last good masks end the trial, and say so

@@ -98,3 +98,26 @@ def test_on_a_gpu_the_planner_sets_the_memory_setting_unless_a_layer_chose_it(mo
     assert planned_memory(free, "flux.1-schnell", "cpu") == free  # a CPU run is not planned
     assert planned_memory(resolve("toy", "circle"), "toy", "cuda:0").micro_batch is None  # nor a model it does not know
     assert len(asked) == 1
+
+
+def test_a_planner_failure_reaches_the_reporter_so_no_run_is_left_running(tiny, monkeypatch):
+    import erase.trial
+
+    class Recording:
+        def __init__(self):
+            self.failed = []
+
+        def report(self, report):
+            raise AssertionError("nothing trained, nothing to report")
+
+        def fail(self, error):
+            self.failed.append(error)
+
+    def broken_planner(cfg, model, device):
+        raise RuntimeError("no CUDA context")
+
+    monkeypatch.setattr(erase.trial, "planned_memory", broken_planner)
+    reporter = Recording()
+    with pytest.raises(RuntimeError, match="no CUDA context"):
+        run_trial(tiny, TrainConfig(concept="cat", steps=1, batch_size=1), ["a cat"], ["a bowl"], reporter)
+    assert [str(e) for e in reporter.failed] == ["no CUDA context"]
