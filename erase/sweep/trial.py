@@ -28,6 +28,11 @@ from erase.sweep.spec import StudySpec, TrialPlan, join
 from erase.trial import MASK_FILE, Report
 
 GPUS_PER_WORKER = 1  # one Train worker per GPU; raycluster.yaml's GPU pods match (tests/test_raycluster.py)
+# The custom resource the cluster's head advertises (raycluster.yaml's head rayStartParams): every
+# trial driver asks for one unit, so drivers (and the Train controllers Ray places beside them) live
+# on the head and a lost GPU node costs only its worker, which restarts from its checkpoint.
+DRIVER_RESOURCE = "erase_driver"
+DRIVER_SLOTS = 1000  # units the head advertises: at most this many trials at once
 
 
 def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
