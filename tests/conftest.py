@@ -1,5 +1,6 @@
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -58,15 +59,113 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _postgres_bindir() -> str:
+    """The folder with PostgreSQL's server programs: Debian keeps them in /usr/lib/postgresql/<ver>/bin,
+    off PATH; elsewhere (or with symlinks in /usr/local/bin) `initdb` is on PATH."""
+    import glob
+    import shutil
+
+    wanted = ("initdb", "pg_ctl", "postgres")
+    found = shutil.which("initdb")
+    candidates = [os.path.dirname(os.path.realpath(found))] if found else []
+    versions = glob.glob("/usr/lib/postgresql/*/bin")
+    candidates += sorted(versions, key=lambda d: [int(p) for p in re.findall(r"\d+", d)], reverse=True)
+    for folder in candidates:
+        if all(os.access(os.path.join(folder, name), os.X_OK) for name in wanted):
+            return folder
+    pytest.fail("PostgreSQL's server programs (initdb, pg_ctl, postgres) were not found on PATH nor in "
+                "/usr/lib/postgresql/*/bin: the MLflow tests run their server on PostgreSQL; install it with "
+                "`apt-get install postgresql` (.ci/run does)", pytrace=False)
+
+
+def _postgres_account():
+    """(uid, gid) to run PostgreSQL as: the current user, or, as root (which PostgreSQL refuses),
+    the `postgres` system user that Debian's package creates (`nobody` where there is none)."""
+    import pwd
+
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return entry.pw_uid, entry.pw_gid
+    pytest.fail("the tests run as root, which PostgreSQL refuses, and there is no `postgres` or `nobody` user "
+                "to run it as; `apt-get install postgresql` creates `postgres`", pytrace=False)
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process on loopback (SQLite backend in a temp folder, proxied artifacts)."""
+def postgres_uri():
+    """A throwaway PostgreSQL server on a free loopback port; yields `postgresql://USER:PW@127.0.0.1:PORT/DB`.
+
+    Its data folder and socket live in a fresh folder under the system temp dir (not pytest's, whose
+    root-only parents another user cannot enter, and whose depth could pass the 107-byte socket path
+    limit); removed at the end.
+    """
+    import secrets
+    import shutil
+    import tempfile
+
+    try:
+        import psycopg2
+    except ImportError:
+        pytest.fail("psycopg2 is missing (MLflow needs it for PostgreSQL): pip install -e '.[test]'", pytrace=False)
+    bindir = _postgres_bindir()
+    account = _postgres_account()
+    base = tempfile.mkdtemp(prefix="erase-pg-")
+    user, password, database, port = "erase", secrets.token_hex(12), "mlflow", _free_port()
+    data = os.path.join(base, "data")
+    with open(os.path.join(base, "pwfile"), "w") as f:
+        f.write(password + "\n")
+    if account is not None:
+        os.chown(base, *account)
+        os.chown(os.path.join(base, "pwfile"), *account)
+
+    def pg(program, *args, timeout=120, check=True):
+        # as root: drop to the account (its own group, no supplementary groups) in the child only
+        as_user = {} if account is None else {"user": account[0], "group": account[1], "extra_groups": []}
+        done = subprocess.run([os.path.join(bindir, program), *args], cwd=base, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "LC_ALL": "C"}, **as_user)
+        if done.returncode != 0 and check:
+            server_log = os.path.join(base, "server.log")
+            tail = open(server_log).read()[-3000:] if os.path.exists(server_log) else ""
+            pytest.fail(f"{program} {' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}{tail}",
+                        pytrace=False)
+
+    try:
+        pg("initdb", "-D", data, "-U", user, f"--pwfile={base}/pwfile", "--auth-local=trust",
+           "--auth-host=scram-sha-256", "--encoding=UTF8", "--no-locale", "--no-sync")
+        with open(os.path.join(data, "postgresql.conf"), "a") as f:
+            # loopback only, socket in our folder (not /var/run/postgresql); durability settings off:
+            # nothing here outlives the session, and no test crashes the database
+            f.write(f"\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{base}'\n"
+                    "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n")
+        pg("pg_ctl", "start", "-D", data, "-l", os.path.join(base, "server.log"), "-w", "-t", "60")
+        admin = psycopg2.connect(host="127.0.0.1", port=port, user=user, password=password, dbname="postgres")
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {database}")
+        admin.close()
+        yield f"postgresql://{user}:{password}@127.0.0.1:{port}/{database}"
+    finally:
+        if os.path.exists(os.path.join(data, "postmaster.pid")):  # running, or half started
+            pg("pg_ctl", "stop", "-D", data, "-m", "fast", "-w", "-t", "60", check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, postgres_uri):
+    """A real `mlflow server` process on loopback: runs and the registry in the PostgreSQL above,
+    artifacts proxied to a temp folder."""
+    # The driver named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg (3), 2.0 as psycopg2
+    backend = postgres_uri.replace("postgresql://", "postgresql+psycopg2://", 1)
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(folder / "server.log", "w")
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
-                             "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                             "--backend-store-uri", backend,
                              "--artifacts-destination", str(folder / "artifacts"),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -85,7 +184,7 @@ def mlflow_server(tmp_path_factory):
             log.close()
             pytest.fail("mlflow server did not start:\n" + (folder / "server.log").read_text()[-3000:])
         time.sleep(0.5)
-    yield {"uri": uri, "artifacts": folder / "artifacts"}
+    yield {"uri": uri, "artifacts": folder / "artifacts", "backend_store_uri": backend}
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
