@@ -24,7 +24,10 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from erase.sweep import StudySpec
-from erase.sweep.trial import DRIVER_RESOURCE, DRIVER_SLOTS, GPUS_PER_WORKER
+from erase.pipelines import model
+from erase.sweep.trial import DRIVER_RESOURCE, DRIVER_SLOTS
+
+GPUS_PER_WORKER = model("flux.1-schnell").gpus_per_worker  # what a FLUX.1 sweep's Train worker asks for
 
 try:
     import tomllib

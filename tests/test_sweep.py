@@ -1,5 +1,6 @@
 """`erase sweep`: planning errors (fast), and real sweeps on a local Ray with the toy world (slow)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import pytest
 
 from erase.errors import EraseError
 from erase.prompts import PromptError
-from erase.sweep import SweepError, plan, run_sweep
+from erase.sweep import StudySpec, SweepError, plan, run_sweep
 from erase.sweep.driver import _slots
 from erase.trial import score
 
@@ -58,13 +59,35 @@ def test_plan_checks_the_request(tmp_path):
         plan("toy", ["circle"], str(space), 3, str(tmp_path / "s"), prompts=str(empty))
 
 
-def test_trial_slots_are_gpus_on_a_gpu_cluster_and_cores_locally():
-    assert _slots({"GPU": 8.0, "CPU": 64.0}, workers_per_trial=1, cpus_per_worker=1, local=False) == (True, 8)
-    assert _slots({"GPU": 8.0, "CPU": 64.0}, workers_per_trial=2, cpus_per_worker=1, local=False) == (True, 4)
-    assert _slots({"GPU": 1.0}, workers_per_trial=2, cpus_per_worker=1, local=False) == (True, 1)
-    assert _slots({"CPU": 16.0}, workers_per_trial=1, cpus_per_worker=2, local=False) == (False, 8)
+def test_trials_ask_for_the_gpus_of_the_request_and_run_as_many_as_the_cluster_may_have():
+    flux = plan("flux.1-schnell", ["nudity"], "flux_nudity", 2, "s", detector={"name": "toy"})[0]
+    assert flux.gpus_per_worker == 1 and flux.device == "cuda"  # asked for though no GPU is up here
+    assert plan("toy", ["striped"], "toy_fast", 2, "s")[0].gpus_per_worker == 0
+    two = plan("toy", ["striped"], "toy_fast", 2, "s", gpus_per_trial=2, workers_per_trial=2)[0]
+    assert two.gpus_per_worker == 1
+    with pytest.raises(SweepError, match="multiple of --workers-per-trial"):
+        plan("toy", ["striped"], "toy_fast", 2, "s", gpus_per_trial=3, workers_per_trial=2)
+    with pytest.raises(SweepError, match="--gpus-per-trial must be 0"):
+        plan("toy", ["striped"], "toy_fast", 2, "s", gpus_per_trial=-1)
+    # the autoscaler's maximum wins over what is up at the start: 8 H100 pods may come, none is up
+    assert _slots(flux, {"CPU": 8.0}, {"GPU": 8, "CPU": 136}, local=False) == 8
+    assert _slots(two, {"CPU": 8.0}, {"GPU": 8}, local=False) == 4  # 2 GPUs per trial
+    assert _slots(flux, {"GPU": 3.0, "CPU": 56.0}, None, local=False) == 3  # no autoscaler: what is up
+    with pytest.raises(SweepError, match="pass --max-concurrent N"):
+        _slots(flux, {"CPU": 8.0}, None, local=False)
+    stand_in = dataclasses.replace(flux, accelerator="fake_gpu")
+    assert stand_in.device == "cpu" and _slots(stand_in, {"fake_gpu": 2.0}, None, local=False) == 2
+    toy = plan("toy", ["striped"], "toy_fast", 2, "s", cpus_per_worker=2)[0]
+    assert _slots(toy, {"CPU": 16.0}, {"GPU": 8}, local=False) == 8  # CPU trials ignore GPUs
     # a local head advertises more logical CPUs than cores: slots follow the real cores
-    assert _slots({"CPU": 99.0}, workers_per_trial=1, cpus_per_worker=1, local=True) == (False, os.cpu_count() or 1)
+    one = plan("toy", ["striped"], "toy_fast", 2, "s")[0]
+    assert _slots(one, {"CPU": 99.0}, None, local=True) == (os.cpu_count() or 1)
+
+
+def test_an_older_spec_that_used_gpus_asks_for_one_per_worker(tmp_path):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"sweep_id": "s", "concept": "c", "use_gpu": True}))
+    assert StudySpec.read(str(spec_file)).gpus_per_worker == 1.0
 
 
 def _runs(uri, concept):

@@ -30,6 +30,12 @@ def add(subparsers) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db with ./mlartifacts)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (>1: data-parallel)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each Train worker reserves")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial asks Ray for, shared among its workers, "
+                   "whether or not any are up yet: pending trials are the autoscaler's demand (default: 1 per "
+                   "worker for the FLUX.1 checkpoints, 0 for the toy world and the random configs)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once over all studies (default: the most GPUs the "
+                   "autoscaler may bring up, else the GPUs up now, per trial's GPUs; CPU trials: one per core "
+                   "locally, per --cpus-per-worker on a cluster)")
     p.add_argument("--report-every", type=int, default=25, help="optimisation steps between reports, evaluations "
                    "and checkpoints (ASHA decides on these)")
     p.add_argument("--grace-steps", type=int, default=50, help="ASHA: steps every trial runs before it can be stopped")
@@ -53,7 +59,7 @@ def run(args) -> int:
     detector = None if args.resume else detector_spec(args.model, args.detector, args.detector_config, args.model_path)
     specs = plan(args.model, concepts, args.space, args.trials, args.storage, resume=args.resume,
                  model_path=args.model_path, tracking_uri=args.tracking_uri, workers_per_trial=args.workers_per_trial,
-                 cpus_per_worker=args.cpus_per_worker, dtype=args.dtype, guidance=args.guidance,
+                 cpus_per_worker=args.cpus_per_worker, gpus_per_trial=args.gpus_per_trial, dtype=args.dtype, guidance=args.guidance,
                  report_every=args.report_every, grace_steps=args.grace_steps, prompts=args.prompts,
                  neutral_prompts=args.neutral_prompts, eval_prompts=args.eval_prompts, prompt_column=args.prompt_column,
                  detector=detector)
@@ -63,7 +69,7 @@ def run(args) -> int:
               f"state in {os.path.join(os.path.abspath(specs[0].storage), specs[0].sweep_id)}", flush=True)
     with common.ray_output_off_stdout() as out:
         progress = None if args.json else common.progress_printer(out)
-        summaries = run_sweep(specs, address=args.address, on_progress=progress)
+        summaries = run_sweep(specs, address=args.address, max_concurrent=args.max_concurrent, on_progress=progress)
     if args.json:
         print(json.dumps(summaries, indent=2, default=str))
         return no_trial_finished(summaries)

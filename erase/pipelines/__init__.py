@@ -96,6 +96,7 @@ class ModelEntry:
     graph_concepts: tuple[str, ...] = ()  # what `erase graph` erases when no --concepts are given
     concept_graph: str | None = None  # a concept graph (graph.json) made on this model's weights
     default_dtype: str = "fp32"  # the weights' dtype unless asked otherwise
+    gpus_per_worker: int = 0  # what each sweep Train worker asks for unless --gpus-per-trial says otherwise
     load_random: Callable[..., object] | None = None  # (*, dtype, device, guidance) -> its architecture, random weights
 
 

@@ -373,7 +373,9 @@ def _entry(name: str, description: str, default_dtype: str = "fp32") -> ModelEnt
                       load_random=partial(load_random, name) if name in CHECKPOINTS else None,
                       meta_transformer=partial(meta_transformer, name), mask_sites=flux_mask_sites,
                       prompt_sets=prompt_sets, eval_sets=eval_sets, recipes={"paper": PAPER_RECIPE, "reference": REFERENCE_RECIPE},
-                      default_dtype=default_dtype)
+                      default_dtype=default_dtype,
+                      # the checkpoints need an H100 per trial; the random configs are CPU stand-ins
+                      gpus_per_worker=1 if name in CHECKPOINTS else 0)
 
 
 # The checkpoints run in bf16 unless asked otherwise: in fp32 the transformer's weights alone are

@@ -3,9 +3,17 @@
 - One Optuna study per concept (OptunaSearch cannot grid over concepts), each in its own process
   (erase/sweep/study.py) attached to the same Ray cluster: Tune's registry is not safe to drive
   from threads, and a process per study makes a Ctrl-C save every study's state.
-- The trial slots (GPUs, or CPU cores locally) are shared out: with at least as many slots as
-  studies every study runs at once; with more studies than slots, that many run at a time with
-  one trial each, and the next starts when one ends.
+- Trials ask for what the request says, not for what is up at start: each Train worker asks
+  for `--gpus-per-trial` / workers GPUs (the model's default: one for the FLUX.1 checkpoints,
+  none for the toy world), so that on a cluster that scales from zero the pending trials are the
+  autoscaler's demand. The number of trials at once (`--max-concurrent`) defaults to the most
+  GPUs the autoscaler may bring up, else to the GPUs up now; CPU trials to the CPU cores.
+- Those slots are shared out: with at least as many slots as studies every study runs at once;
+  with more studies than slots, that many run at a time with one trial each, and the next
+  starts when one ends.
+- Trial drivers are pinned to the head when it advertises erase.sweep.trial.DRIVER_RESOURCE
+  (raycluster.yaml's head does; a local Ray started here does too): Ray Train places each
+  trial's controller beside its driver, so a lost GPU node costs only its worker.
 - The driver creates every MLflow experiment before a trial starts (SQLite schema creation from
   many processes at once races), shows each study's progress from its progress.json, and ends
   with the studies' summaries and the sweep's orchestration cost.
@@ -23,6 +31,7 @@ import time
 
 from erase import config as run_config
 from erase.sweep.spec import StudySpec, SweepError, join, slug
+from erase.sweep.trial import DRIVER_RESOURCE, DRIVER_SLOTS
 
 
 def new_sweep_id(model: str) -> str:
@@ -39,6 +48,8 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
         return _saved_specs(storage, resume)
     if trials < 1:
         raise SweepError(f"--trials must be at least 1, got {trials}")
+    options["gpus_per_worker"] = _gpus_per_worker(model, options.pop("gpus_per_trial", None),
+                                                  options.get("workers_per_trial", 1))
     if not concepts:
         raise SweepError("no concepts: pass --concepts A,B (the toy world's default is striped)")
     _check_space(model, concepts, space)
@@ -57,6 +68,24 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
     sweep_id = new_sweep_id(model)
     return [StudySpec(sweep_id=sweep_id, concept=c, model=model, space=space, trials=trials, storage=storage, **options)
             for c in concepts]
+
+
+def _gpus_per_worker(model: str, gpus_per_trial: float | None, workers_per_trial: int) -> float:
+    """Each Train worker's share of --gpus-per-trial; the model's own default when it is not given."""
+    from erase.pipelines import model as model_entry
+
+    if workers_per_trial < 1:
+        raise SweepError(f"--workers-per-trial must be at least 1, got {workers_per_trial}")
+    if gpus_per_trial is None:
+        return float(model_entry(model).gpus_per_worker)
+    if gpus_per_trial < 0:
+        raise SweepError(f"--gpus-per-trial must be 0 (CPU trials) or more, got {gpus_per_trial}")
+    share = gpus_per_trial / workers_per_trial
+    if share > 1 and share != int(share):
+        raise SweepError(f"--gpus-per-trial {gpus_per_trial:g} over {workers_per_trial} workers gives each "
+                         f"{share:g} GPUs: Ray places a worker on whole GPUs above one; pass a multiple of "
+                         f"--workers-per-trial")
+    return share
 
 
 def _saved_specs(storage: str, sweep_id: str) -> list[StudySpec]:
@@ -93,14 +122,18 @@ def _check_space(model: str, concepts: list[str], space: str) -> None:
         model_entry(model).prompt_sets(concept)  # a clear error for a concept the model does not have
 
 
-def run_sweep(specs: list[StudySpec], *, address: str | None = None, on_progress=None, poll: float = 2.0) -> list[dict]:
+def run_sweep(specs: list[StudySpec], *, address: str | None = None, max_concurrent: int | None = None,
+              on_progress=None, poll: float = 2.0) -> list[dict]:
     """Run every concept's study as a subprocess on one Ray cluster; returns their summaries.
 
+    `max_concurrent` trials run at once over all studies (default: see the module's docstring).
     On Ctrl-C every running study saves its state; `erase sweep --resume ID` continues without
     losing finished trials.
     """
     from erase.tracking import connect, ensure_experiment
 
+    if max_concurrent is not None and max_concurrent < 1:
+        raise SweepError(f"--max-concurrent must be at least 1, got {max_concurrent}")
     if "://" in specs[0].storage:
         raise SweepError("the driver keeps study specs and logs in a local --storage folder; on a cluster use a "
                          "shared filesystem path such as /mnt/erase/sweeps (see the README)")
@@ -111,10 +144,16 @@ def run_sweep(specs: list[StudySpec], *, address: str | None = None, on_progress
     started = time.time()
     ray = _start_ray(address)
     try:
-        use_gpu, slots = _slots(ray.cluster_resources(), specs[0].workers_per_trial, specs[0].cpus_per_worker,
-                                local=address is None)
+        slots = max_concurrent or _slots(specs[0], ray.cluster_resources(), _autoscaler_maximum(),
+                                         local=address is None)
         at_once = min(len(specs), slots)
-        _write_specs(specs, use_gpu, max(1, slots // len(specs)))
+        pin = ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0
+        if not pin:
+            print(f"erase sweep: no node of this cluster advertises the {DRIVER_RESOURCE!r} resource, so trial "
+                  "drivers may land on GPU nodes, and losing one loses its trials' drivers too; start the head with "
+                  f"`ray start --head --resources '{{\"{DRIVER_RESOURCE}\": {DRIVER_SLOTS}}}'` (raycluster.yaml "
+                  "does)", file=sys.stderr)
+        _write_specs(specs, max(1, slots // len(specs)), pin)
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
         ended = _run_studies(specs, env, at_once, on_progress, poll)
         summaries = [_summary_of(spec, log, proc) for spec, log, proc in sorted(ended, key=lambda c: specs.index(c[0]))]
@@ -126,10 +165,10 @@ def run_sweep(specs: list[StudySpec], *, address: str | None = None, on_progress
         ray.shutdown()
 
 
-def _write_specs(specs: list[StudySpec], use_gpu: bool, max_concurrent: int) -> None:
+def _write_specs(specs: list[StudySpec], max_concurrent: int, pin_drivers: bool) -> None:
     """Every spec on disk before any study starts: a resumed sweep finds the studies that had not started too."""
     for spec in specs:
-        spec.use_gpu, spec.max_concurrent = use_gpu, max_concurrent
+        spec.max_concurrent, spec.pin_drivers = max_concurrent, pin_drivers
         os.makedirs(spec.study_dir, exist_ok=True)
         with open(os.path.join(spec.study_dir, "spec.json"), "w") as f:
             json.dump(dataclasses.asdict(spec), f, indent=2)
@@ -199,20 +238,39 @@ def _start_ray(address: str | None):
         try:
             # address="local": always a new head, never a stray cluster some earlier run left behind
             ray.init(address="local", num_cpus=max(4, 2 * cores), object_store_memory=256 * 2**20,
-                     log_to_driver=False, logging_level=logging.ERROR)
+                     resources={DRIVER_RESOURCE: DRIVER_SLOTS}, log_to_driver=False, logging_level=logging.ERROR)
         finally:
             signal.signal(signal.SIGINT, previous)
     return ray
 
 
-def _slots(resources: dict, workers_per_trial: int, cpus_per_worker: float, local: bool) -> tuple[bool, int]:
-    """(use GPUs?, concurrent trials in all): one trial per GPU, else one per CPU core (of this machine
-    when Ray runs locally with more logical CPUs than cores)."""
-    gpus = int(resources.get("GPU", 0))
-    if gpus > 0:
-        return True, max(1, gpus // workers_per_trial)
+def _slots(spec: StudySpec, resources: dict, maximum: dict | None, local: bool) -> int:
+    """Trials that may run at once, in all: for GPU trials, as many as the most GPUs the cluster may
+    have (`maximum`, the autoscaler's configured limit, else what is up now) hold; for CPU trials,
+    one per `cpus_per_worker` of CPU cores (this machine's when Ray runs locally, whose head
+    advertises more logical CPUs than it has cores)."""
+    if spec.gpus_per_worker > 0:
+        per_trial = spec.gpus_per_worker * spec.workers_per_trial
+        most = (maximum or {}).get(spec.accelerator) or resources.get(spec.accelerator, 0)
+        if most < per_trial:
+            raise SweepError(f"each trial asks for {per_trial:g} {spec.accelerator}, but the cluster has "
+                             f"{resources.get(spec.accelerator, 0):g} now and Ray knows of no autoscaler limit: "
+                             "pass --max-concurrent N (trials at once; they wait for the autoscaler), or "
+                             "--gpus-per-trial 0 to run on CPUs")
+        return max(1, int(most // per_trial))
     cpus = (os.cpu_count() or 1) if local else int(resources.get("CPU", 1))
-    return False, max(1, int(cpus // (cpus_per_worker * workers_per_trial)))
+    return max(1, int(cpus // (spec.cpus_per_worker * spec.workers_per_trial)))
+
+
+def _autoscaler_maximum() -> dict | None:
+    """The most of each resource the autoscaler may bring up ({"GPU": 8.0, ...}), or None without an
+    autoscaler. Ray keeps it in the cluster config the autoscaler publishes; Ray Train reads the same."""
+    try:
+        from ray._private.state import state
+    except ImportError:  # a private module: a Ray that moved it leaves the fallbacks
+        return None
+    read = getattr(state, "get_max_resources_from_cluster_config", None)
+    return read() if read is not None else None
 
 
 def orchestration(summaries: list[dict], wall_seconds: float, slots: int) -> dict:

@@ -37,8 +37,14 @@ class StudySpec:
     storage: str = "erase-sweeps"
     tracking_uri: str | None = None
     workers_per_trial: int = 1
-    use_gpu: bool = False
+    # Asked of Ray whatever the cluster has when the sweep starts: a pending request is the
+    # autoscaler's demand. `accelerator` is the Ray resource they are asked as: "GPU" (the worker
+    # then runs on CUDA), or a custom resource that stands in for GPUs on a test cluster (the
+    # worker then runs on the CPU of the node that has it).
+    gpus_per_worker: float = 0.0
+    accelerator: str = "GPU"
     cpus_per_worker: float = 1.0
+    pin_drivers: bool = False  # trial drivers ask for erase.sweep.trial.DRIVER_RESOURCE (the head's)
     dtype: str | None = None  # None: the model's default (bf16 for the FLUX.1 checkpoints)
     guidance: float | None = None
     report_every: int = 25
@@ -62,11 +68,18 @@ class StudySpec:
         with open(path) as f:
             values = json.load(f)
         known = {f.name for f in dataclasses.fields(cls)}
+        if "use_gpu" in values:  # before GPUs were requested per worker, a sweep either used them or not
+            values.setdefault("gpus_per_worker", 1.0 if values.pop("use_gpu") else 0.0)
         unknown = set(values) - known - set(RETIRED_KEYS)
         if unknown:
             raise SweepError(f"{path} has settings this version of erase does not know ({', '.join(sorted(unknown))}): "
                              "resume it with the version that started it")
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def device(self) -> str:
+        """Where a Train worker runs the model: CUDA when it holds real GPUs."""
+        return "cuda" if self.gpus_per_worker > 0 and self.accelerator == "GPU" else "cpu"
 
     @property
     def study_dir(self) -> str:

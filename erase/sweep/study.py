@@ -10,6 +10,7 @@ It keeps `progress.json` current for the driver and ends by writing `summary.jso
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -21,6 +22,8 @@ import zlib
 from erase import config as run_config
 from erase.sweep.spec import StudySpec, join, slug
 from erase.trial import MASK_FILE, RUN_FILE, SCORE_FORMULA
+
+DRIVER_RETRIES = 2  # times a trial runs again after its driver died; its workers have their own (trial.py)
 
 
 def main(argv: list[str]) -> None:
@@ -52,13 +55,15 @@ def run_study(spec: StudySpec) -> dict:
     from ray import tune
 
     from erase.spaces import load_space
-    from erase.sweep.trial import trial
+    from erase.sweep.trial import DRIVER_RESOURCE, GAVE_UP_FILE, trial
 
     space = load_space(spec.space, run_config.FILE_KEYS)
     datasets, hashes = prompt_datasets(spec, space.fixed)
     spec = dataclasses.replace(spec, fixed=space.fixed, prompt_hashes=hashes)
+    # the trial function only waits (the Train worker holds the resources), on the head when pinned
+    driver = {"cpu": 0.01, **({DRIVER_RESOURCE: 1} if spec.pin_drivers else {})}
     trainable = tune.with_resources(tune.with_parameters(trial, study=dataclasses.asdict(spec), datasets=datasets),
-                                    {"cpu": 0.01})  # the trial function only waits; the Train worker holds the resources
+                                    driver)
     name = f"trial-{slug(spec.concept)}"
     tune.register_trainable(name, trainable)
     path = f"{join(spec.study_dir, 'tune')}/study"
@@ -68,6 +73,8 @@ def run_study(spec: StudySpec) -> dict:
     progress = ProgressFile(os.path.join(spec.study_dir if local else tempfile.gettempdir(), "progress.json"),
                             spec.concept, spec.trials)
     if tune.Tuner.can_restore(path):  # a restored Tuner keeps the callbacks it was made with
+        for marker in glob.glob(os.path.join(spec.study_dir, "train", "*", GAVE_UP_FILE)) if local else []:
+            os.remove(marker)  # --resume gives errored trials their workers' retries again
         tuner = tune.Tuner.restore(path, trainable=name, resume_errored=True)
     else:
         tuner = _new_tuner(spec, space, name, progress, local)
@@ -91,6 +98,9 @@ def _new_tuner(spec: StudySpec, space, trainable: str, progress: "ProgressFile",
         tune_config=tune.TuneConfig(search_alg=searcher, metric="score", mode="max", num_samples=spec.trials,
                                     max_concurrent_trials=spec.max_concurrent, scheduler=scheduler),
         run_config=tune.RunConfig(name="study", storage_path=join(spec.study_dir, "tune"), verbose=0,
+                                  # a trial whose driver died (its node lost) runs again, and its
+                                  # TorchTrainer resumes from the trial's last checkpoint
+                                  failure_config=tune.FailureConfig(max_failures=DRIVER_RETRIES),
                                   callbacks=[progress.callback, run_closer(spec)]))
 
 

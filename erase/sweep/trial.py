@@ -1,14 +1,16 @@
 """One sweep trial on Ray: a Tune function that runs a TorchTrainer, and the Train workers' loop.
 
     trial(sampled)     Tune calls it with Optuna's draw: resolve the trial's TrainConfig, run a
-                       TorchTrainer with `workers_per_trial` workers (one GPU each where the
-                       cluster has GPUs, one CPU otherwise) and wait for it
+                       TorchTrainer with `workers_per_trial` workers, each asking for the spec's
+                       GPUs (pending until the autoscaler brings them) and CPUs, and wait for it
     worker_loop(plan)  each Train worker: its generator and its shard of the prompts, then
                        erase.trial.run_trial with a RayReporter
 
 Reports reach Tune through TuneReportCallback; each carries a checkpoint (the mask file, the
 optimizer state, the MLflow run id), and a worker that dies restarts from the last one, up to
-twice (FailureConfig), in the same MLflow run. `--workers-per-trial N` makes a trial
+twice (Train's FailureConfig), in the same MLflow run. A trial whose driver dies (the node that
+held it lost) is run again by Tune (the study's FailureConfig) and its TorchTrainer resumes from
+the same checkpoints; a trial Train gave up on is not run again until `erase sweep --resume`. `--workers-per-trial N` makes a trial
 data-parallel: the erase and neutral rows are split among the workers (the mask gradients are
 averaged across them, erase/train.py); the evaluation rows are not split. Only rank 0 writes
 checkpoints and logs to MLflow.
@@ -27,12 +29,12 @@ from erase import config as run_config
 from erase.sweep.spec import StudySpec, TrialPlan, join
 from erase.trial import MASK_FILE, Report
 
-GPUS_PER_WORKER = 1  # one Train worker per GPU; raycluster.yaml's GPU pods match (tests/test_raycluster.py)
-# The custom resource the cluster's head advertises (raycluster.yaml's head rayStartParams): every
+# The custom resource the cluster's head advertises (deploy/raycluster.yaml's head rayStartParams): every
 # trial driver asks for one unit, so drivers (and the Train controllers Ray places beside them) live
 # on the head and a lost GPU node costs only its worker, which restarts from its checkpoint.
 DRIVER_RESOURCE = "erase_driver"
 DRIVER_SLOTS = 1000  # units the head advertises: at most this many trials at once
+GAVE_UP_FILE = "gave-up.txt"  # in a trial's Train folder once its workers' retries ran out
 
 
 def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
@@ -47,12 +49,18 @@ def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
                              sampled=sampled, flags={"log_every": spec.report_every})
     context = tune.get_context()
     plan = TrialPlan(spec, cfg, sampled, context.get_trial_id(), context.get_trial_name())
-    resources = {"GPU": GPUS_PER_WORKER, "CPU": spec.cpus_per_worker} if spec.use_gpu else {"CPU": spec.cpus_per_worker}
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.gpus_per_worker > 0:
+        resources[spec.accelerator] = spec.gpus_per_worker
+    gave_up = os.path.join(spec.study_dir, "train", plan.trial_name, GAVE_UP_FILE)
+    if os.path.isfile(gave_up):  # Tune runs a trial again when its driver dies, not when Train gave up
+        with open(gave_up) as f:
+            raise TrainGaveUp(f.read())
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # each worker's shard keeps the rows' order: erase train's batches, one worker
-    TorchTrainer(
+    trainer = TorchTrainer(
         worker_loop, train_loop_config=plan.to_dict(),
-        scaling_config=ray.train.ScalingConfig(num_workers=spec.workers_per_trial, use_gpu=spec.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=spec.workers_per_trial, use_gpu=spec.device == "cuda",
                                                resources_per_worker=resources),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["erase", "neutral"], execution_options=ingest),
@@ -61,7 +69,18 @@ def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
             name=plan.trial_name, storage_path=join(spec.study_dir, "train"),
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=[TuneReportCallback()]),
-    ).fit()
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        os.makedirs(os.path.dirname(gave_up), exist_ok=True)
+        with open(gave_up, "w") as f:
+            f.write(f"Ray Train gave up on this trial after its workers' retries: {error}")
+        raise
+
+
+class TrainGaveUp(RuntimeError):
+    """A trial that Ray Train already gave up on: Tune's retry (meant for a lost driver) ends at once."""
 
 
 def worker_loop(loop_config: dict) -> None:
@@ -78,7 +97,7 @@ def worker_loop(loop_config: dict) -> None:
     plan = TrialPlan.from_dict(loop_config)
     spec, rank = plan.study, ray.train.get_context().get_world_rank()
     torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
-    gen = load_generator(spec.model, spec.model_path, dtype=spec.dtype, device="cuda" if spec.use_gpu else "cpu",
+    gen = load_generator(spec.model, spec.model_path, dtype=spec.dtype, device=spec.device,
                          guidance=spec.guidance)
     resume, saved = None, {}
     checkpoint = ray.train.get_checkpoint()
