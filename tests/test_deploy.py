@@ -376,7 +376,7 @@ def test_the_mlflow_server_uses_postgres_and_the_shared_volume():
     args = args_of(server)
     assert args["--host"] == "0.0.0.0" and args.get("--serve-artifacts") is True
     backend = urlparse(args["--backend-store-uri"])
-    assert backend.scheme == "postgresql"
+    assert backend.scheme == "postgresql+psycopg2"  # the driver the image installs
     database = named("Service", "postgres")
     host, namespace = database["metadata"]["name"], namespace_of(database)
     assert backend.hostname in (host, f"{host}.{namespace}", f"{host}.{namespace}.svc.cluster.local")
