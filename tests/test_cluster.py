@@ -158,3 +158,101 @@ def test_a_trial_whose_driver_node_dies_runs_again_from_its_checkpoint(tmp_path,
     for run in runs:  # the interrupted trial went on in its own run, every report there
         steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
         assert steps == {2, 4, 6, 8, 10, 12}, steps
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A `ray start --head --block` as the README's cluster has it (the drivers' resource on the head), on
+    free ports and its own temp folder; the whole process group is stopped at the end, by its PID."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+
+    temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
+    port, dashboard, agent = free_port(), free_port(), free_port()
+    # Ray 2.59 and later start a local head with token authentication: its own token, given to the
+    # head and to every `ray job submit` here, leaves the user's ~/.ray alone
+    env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}", "--num-cpus=4",
+         f"--resources={{\"{DRIVER_RESOURCE}\": {DRIVER_SLOTS}}}", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    request = urllib.request.Request(url + "/api/version", headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+    deadline = time.time() + 120
+    try:
+        while True:  # the job API answers once the dashboard is up
+            try:
+                with urllib.request.urlopen(request, timeout=2):
+                    break
+            except OSError:
+                if head.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"ray start --head did not come up (exit {head.poll()})")
+                time.sleep(1)
+        yield {"url": url, "env": env}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # its process group: the head's processes, all started here
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_readmes_ray_job_submit_runs_a_sweep_with_checkpoints_at_a_uri(tmp_path, ray_head):
+    """The README's `ray job submit ... -- erase sweep ... --address auto`, with the toy world, a
+    --working-dir upload (Ray's runtime cache), checkpoints at a URI and the sweep's files in a folder."""
+    import json
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "space.yaml").write_text(SPACE.replace("steps: 12", "steps: 4"))
+    submit = ["ray", "job", "submit", "--address", ray_head["url"], "--working-dir", str(work), "--",
+              "erase", "sweep", "--concepts", "circle", "--trials", "1", "--space", "space.yaml", "--address", "auto",
+              "--report-every", "2", "--grace-steps", "4"]
+
+    def run(args):
+        for _ in range(30):  # the head's job agent starts a little after its dashboard
+            done = subprocess.run(args, env=ray_head["env"], capture_output=True, text=True, timeout=900)
+            if "No available agent to submit job" not in done.stderr:
+                return done
+            time.sleep(2)
+        return done
+
+    # relative defaults would land in the runtime cache: refused, naming the flags
+    refused = run(submit)
+    assert refused.returncode != 0 and "--storage /mnt/erase/sweeps" in refused.stdout + refused.stderr, (
+        refused.stdout[-3000:] + refused.stderr[-3000:])
+    where = ["--storage", (tmp_path / "results").as_uri(), "--state-dir", str(tmp_path / "state"),
+             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    done = run(submit + where)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (summary_file,) = (tmp_path / "state").glob("*/circle/summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert [t["status"] for t in summary["trials"]] == ["finished"]
+    assert os.path.isfile(summary["best"]["mask_file"]) and summary["best"]["mask_file"].startswith(str(tmp_path))
+    assert summary["results_dir"].startswith("file://")
+    assert list((tmp_path / "results").glob("*/circle/train/*/checkpoint_*/mask.safetensors"))
+    assert not list((tmp_path / "state").glob("*/circle/train"))  # checkpoints only at the URI
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(summary["best"]["mlflow_run_id"])
+    assert run.info.status == "FINISHED"

@@ -291,3 +291,31 @@ def test_the_run_closer_ends_only_runs_their_workers_left_running(tmp_path):
     assert runs["t_00002"].info.status == "FAILED"
     assert runs["t_00002"].data.tags["erase.status"] == "trial error: RuntimeError: node lost"
     assert runs["t_00003"].info.status == "FINISHED" and "erase.status" not in runs["t_00003"].data.tags
+
+
+def test_a_uri_storage_keeps_checkpoints_there_and_the_sweeps_own_files_in_a_local_folder(tmp_path):
+    spec = plan("toy", ["striped"], "toy_fast", 2, "s3://bucket/sweeps")[0]
+    assert spec.results_dir == f"s3://bucket/sweeps/{spec.sweep_id}/striped"
+    assert spec.study_dir == os.path.join(os.path.abspath("erase-sweeps"), spec.sweep_id, "striped")
+    chosen = plan("toy", ["striped"], "toy_fast", 2, "gs://b/s", state_dir=str(tmp_path / "state"))[0]
+    assert chosen.study_dir.startswith(str(tmp_path / "state")) and chosen.results_dir.startswith("gs://b/s/")
+    folder = plan("toy", ["striped"], "toy_fast", 2, str(tmp_path / "shared"))[0]
+    assert folder.state_dir is None and folder.study_dir == folder.results_dir  # a folder keeps both
+    # a resumed sweep reads its specs from the local state folder, not from the URI
+    with pytest.raises(SweepError, match=f"no sweep 'nope' under {str(tmp_path / 'state')!r}"):
+        plan("toy", [], "toy_fast", 2, "s3://bucket/sweeps", resume="nope", state_dir=str(tmp_path / "state"))
+
+
+def test_under_ray_job_submit_relative_paths_are_refused_with_the_flags_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SweepError, match=r"Ray job.*--storage 'erase-sweeps'.*default MLflow store.*--storage /mnt"):
+        plan("toy", ["striped"], "toy_fast", 2, "erase-sweeps")
+    with pytest.raises(SweepError, match=r"--state-dir 'erase-sweeps'"):  # a URI storage's default state folder
+        plan("toy", ["striped"], "toy_fast", 2, "s3://b/s", tracking_uri="http://mlflow:5000")
+    with pytest.raises(SweepError, match=r"--tracking-uri 'sqlite:///mlflow.db'"):
+        plan("toy", ["striped"], "toy_fast", 2, str(tmp_path), tracking_uri="sqlite:///mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.erase.svc.cluster.local:5000")  # as the pods have it
+    assert plan("toy", ["striped"], "toy_fast", 2, str(tmp_path))[0].storage == str(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert plan("toy", ["striped"], "toy_fast", 2, "erase-sweeps", tracking_uri="sqlite:///mlflow.db")

@@ -25,7 +25,12 @@ def add(subparsers) -> None:
                    "toy_adaptive, concept_graph; see erase/spaces/) or a YAML file")
     p.add_argument("--trials", type=int, default=4, help="trials per concept")
     p.add_argument("--address", help="Ray cluster to use, e.g. auto (default: start a local Ray)")
-    p.add_argument("--storage", default="erase-sweeps", help="folder for Tune/Train state, checkpoints and study logs")
+    p.add_argument("--storage", default="erase-sweeps", help="checkpoints and Tune state: a folder (on a cluster, one "
+                   "every node sees, e.g. /mnt/erase/sweeps) or a URI Ray accepts (s3://, gs://). A folder also "
+                   "keeps the sweep's own files (default: ./erase-sweeps)")
+    p.add_argument("--state-dir", help="the sweep's own files (specs, study logs, progress, summaries, the Optuna "
+                   "study, the best mask): a local folder (default: --storage when it is a folder, else "
+                   "./erase-sweeps)")
     p.add_argument("--resume", metavar="SWEEP_ID", help="continue an interrupted sweep (its saved settings are used)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db with ./mlartifacts)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (>1: data-parallel)")
@@ -58,7 +63,7 @@ def run(args) -> int:
     concepts = common.comma_list(args.concepts) or default_concepts
     detector = None if args.resume else detector_spec(args.model, args.detector, args.detector_config, args.model_path)
     specs = plan(args.model, concepts, args.space, args.trials, args.storage, resume=args.resume,
-                 model_path=args.model_path, tracking_uri=args.tracking_uri, workers_per_trial=args.workers_per_trial,
+                 state_dir=args.state_dir, model_path=args.model_path, tracking_uri=args.tracking_uri, workers_per_trial=args.workers_per_trial,
                  cpus_per_worker=args.cpus_per_worker, gpus_per_trial=args.gpus_per_trial, dtype=args.dtype, guidance=args.guidance,
                  report_every=args.report_every, grace_steps=args.grace_steps, prompts=args.prompts,
                  neutral_prompts=args.neutral_prompts, eval_prompts=args.eval_prompts, prompt_column=args.prompt_column,
@@ -66,7 +71,8 @@ def run(args) -> int:
     if not args.json:
         print(f"sweep {specs[0].sweep_id}: {len(specs)} stud{'y' if len(specs) == 1 else 'ies'} "
               f"({', '.join(s.concept for s in specs)}), space {specs[0].space}, {specs[0].trials} trials each; "
-              f"state in {os.path.join(os.path.abspath(specs[0].storage), specs[0].sweep_id)}", flush=True)
+              f"state in {os.path.dirname(specs[0].study_dir)}"
+              + (f", checkpoints in {os.path.dirname(specs[0].results_dir)}" if specs[0].state_dir else ""), flush=True)
     with common.ray_output_off_stdout() as out:
         progress = None if args.json else common.progress_printer(out)
         summaries = run_sweep(specs, address=args.address, max_concurrent=args.max_concurrent, on_progress=progress)

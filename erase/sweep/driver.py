@@ -30,8 +30,11 @@ import sys
 import time
 
 from erase import config as run_config
-from erase.sweep.spec import StudySpec, SweepError, join, slug
+from erase.sweep.spec import StudySpec, SweepError, join, slug, state_folder
 from erase.sweep.trial import DRIVER_RESOURCE, DRIVER_SLOTS
+
+
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a `ray job submit` entrypoint
 
 
 def new_sweep_id(model: str) -> str:
@@ -43,9 +46,11 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
     """Check the request and make one StudySpec per concept (a resumed sweep keeps its saved specs).
 
     Everything that can be checked without Ray is checked here: the concepts, the space and its
-    fixed settings, the prompt files."""
+    fixed settings, the prompt files, paths that a Ray job would lose."""
+    options["state_dir"] = state_folder(storage, options.get("state_dir"))
+    _check_paths_outlive_a_ray_job(storage, options["state_dir"], options.get("tracking_uri"))
     if resume:
-        return _saved_specs(storage, resume)
+        return _saved_specs(options["state_dir"] or storage, resume)
     if trials < 1:
         raise SweepError(f"--trials must be at least 1, got {trials}")
     options["gpus_per_worker"] = _gpus_per_worker(model, options.pop("gpus_per_trial", None),
@@ -88,9 +93,31 @@ def _gpus_per_worker(model: str, gpus_per_trial: float | None, workers_per_trial
     return share
 
 
+def _check_paths_outlive_a_ray_job(storage: str, state_dir: str | None, tracking_uri: str | None) -> None:
+    """Under `ray job submit` the working directory is Ray's runtime cache, which Ray deletes: relative
+    paths would put the sweep's state and runs there."""
+    if RAY_JOB_ENV not in os.environ:
+        return
+    lost = []
+    if "://" not in storage and not os.path.isabs(storage):
+        lost.append(f"--storage {storage!r}")
+    if state_dir and not os.path.isabs(state_dir):
+        lost.append(f"--state-dir {state_dir!r}")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        lost.append("the default MLflow store ./mlflow.db")
+    elif uri.startswith("sqlite:///") and not os.path.isabs(uri[len("sqlite:///"):]):
+        lost.append(f"--tracking-uri {uri!r}")
+    if lost:
+        raise SweepError(f"erase sweep runs as a Ray job, whose working directory ({os.getcwd()}) Ray deletes: "
+                         f"{', '.join(lost)} would be lost with it. Pass paths every node sees, e.g. --storage "
+                         "/mnt/erase/sweeps (or an s3:// URI with an absolute --state-dir), and --tracking-uri "
+                         "http://mlflow.erase.svc.cluster.local:5000 (or sqlite:////an/absolute/mlflow.db)")
+
+
 def _saved_specs(storage: str, sweep_id: str) -> list[StudySpec]:
     folder = join(storage, sweep_id)
-    if "://" in storage or not os.path.isdir(folder):
+    if not os.path.isdir(folder):
         raise SweepError(f"no sweep {sweep_id!r} under {storage!r} to resume; sweeps there: "
                          f"{', '.join(sorted(os.listdir(storage))) if os.path.isdir(storage) else 'none'}")
     specs = []
@@ -134,9 +161,6 @@ def run_sweep(specs: list[StudySpec], *, address: str | None = None, max_concurr
 
     if max_concurrent is not None and max_concurrent < 1:
         raise SweepError(f"--max-concurrent must be at least 1, got {max_concurrent}")
-    if "://" in specs[0].storage:
-        raise SweepError("the driver keeps study specs and logs in a local --storage folder; on a cluster use a "
-                         "shared filesystem path such as /mnt/erase/sweeps (see the README)")
     uri = connect(specs[0].tracking_uri)
     for spec in specs:
         spec.tracking_uri = uri
@@ -200,13 +224,18 @@ def _run_studies(specs: list[StudySpec], env: dict, at_once: int, on_progress, p
             except subprocess.TimeoutExpired:
                 proc.kill()
         raise KeyboardInterrupt(f"sweep {specs[0].sweep_id} interrupted; every study saved its state. Continue "
-                                f"with: erase sweep --resume {specs[0].sweep_id} --storage {specs[0].storage}") from None
+                                f"with: {resume_command(specs[0])}") from None
     finally:
         if on_progress is not None:
             on_progress(_read_progress(specs))
         for _, log, _ in ended + running:
             log.close()
     return ended
+
+
+def resume_command(spec: StudySpec) -> str:
+    state = f" --state-dir {spec.state_dir}" if spec.state_dir else ""
+    return f"erase sweep --resume {spec.sweep_id} --storage {spec.storage}{state}"
 
 
 def _summary_of(spec: StudySpec, log, proc) -> dict:

@@ -16,6 +16,7 @@ from erase.errors import EraseError
 from erase.pipelines import DEFAULT_MODEL
 from erase.tracking import slug
 
+DEFAULT_STATE_DIR = "erase-sweeps"  # relative to where `erase sweep` runs
 RETIRED_KEYS = ("fail_once_at_step",)  # in the spec.json of sweeps started before the test reporter replaced it
 
 
@@ -34,7 +35,11 @@ class StudySpec:
     space: str = "toy_fast"
     trials: int = 4
     max_concurrent: int = 1
-    storage: str = "erase-sweeps"
+    # Checkpoints and Tune's results: a folder every node sees, or a URI Ray accepts (s3://, gs://).
+    storage: str = DEFAULT_STATE_DIR
+    # The sweep's own files (spec.json, the study's log, progress and summary, the Optuna study, the
+    # best mask): a local folder on the driver's machine. None: `storage`, which is then a folder.
+    state_dir: str | None = None
     tracking_uri: str | None = None
     workers_per_trial: int = 1
     # Asked of Ray whatever the cluster has when the sweep starts: a pending request is the
@@ -83,6 +88,12 @@ class StudySpec:
 
     @property
     def study_dir(self) -> str:
+        """The study's own files: always a local folder."""
+        return join(self.state_dir or self.storage, self.sweep_id, slug(self.concept))
+
+    @property
+    def results_dir(self) -> str:
+        """The study's checkpoints and Tune state: a folder or a URI."""
         return join(self.storage, self.sweep_id, slug(self.concept))
 
     @property
@@ -106,6 +117,14 @@ class TrialPlan:
     @classmethod
     def from_dict(cls, values: dict) -> "TrialPlan":
         return cls(**{**values, "study": StudySpec(**values["study"]), "config": TrainConfig(**values["config"])})
+
+
+def state_folder(storage: str, state_dir: str | None) -> str | None:
+    """Where a sweep keeps its own files: `state_dir`, else `storage` when that is a folder, else the
+    local default (a URI storage keeps only checkpoints and results)."""
+    if state_dir:
+        return state_dir
+    return DEFAULT_STATE_DIR if "://" in storage else None
 
 
 def join(*parts: str) -> str:

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import zlib
 
@@ -66,29 +65,26 @@ def run_study(spec: StudySpec) -> dict:
                                     driver)
     name = f"trial-{slug(spec.concept)}"
     tune.register_trainable(name, trainable)
-    path = f"{join(spec.study_dir, 'tune')}/study"
-    local = "://" not in spec.storage
-    if local:
-        os.makedirs(spec.study_dir, exist_ok=True)
-    progress = ProgressFile(os.path.join(spec.study_dir if local else tempfile.gettempdir(), "progress.json"),
-                            spec.concept, spec.trials)
+    path = f"{join(spec.results_dir, 'tune')}/study"
+    os.makedirs(spec.study_dir, exist_ok=True)
+    progress = ProgressFile(os.path.join(spec.study_dir, "progress.json"), spec.concept, spec.trials)
     if tune.Tuner.can_restore(path):  # a restored Tuner keeps the callbacks it was made with
-        for marker in glob.glob(os.path.join(spec.study_dir, "train", "*", GAVE_UP_FILE)) if local else []:
+        for marker in glob.glob(os.path.join(spec.study_dir, "trials", "*", GAVE_UP_FILE)):
             os.remove(marker)  # --resume gives errored trials their workers' retries again
         tuner = tune.Tuner.restore(path, trainable=name, resume_errored=True)
     else:
-        tuner = _new_tuner(spec, space, name, progress, local)
-    return summary(spec, tuner.fit(), local)
+        tuner = _new_tuner(spec, space, name, progress)
+    return summary(spec, tuner.fit())
 
 
-def _new_tuner(spec: StudySpec, space, trainable: str, progress: "ProgressFile", local: bool):
+def _new_tuner(spec: StudySpec, space, trainable: str, progress: "ProgressFile"):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     max_steps = int(space.fixed.get("steps") or space.search.get("steps", {}).get("high") or 400)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(spec.study_dir, 'optuna.db')}") if local else None
+    storage = optuna.storages.RDBStorage(optuna_storage(spec))
     searcher = OptunaSearch(space=space.optuna_distributions(), metric="score", mode="max", storage=storage,
                             study_name=spec.study_name, sampler=tpe_sampler(spec))
     scheduler = ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=min(spec.grace_steps, max_steps),
@@ -97,7 +93,7 @@ def _new_tuner(spec: StudySpec, space, trainable: str, progress: "ProgressFile",
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, metric="score", mode="max", num_samples=spec.trials,
                                     max_concurrent_trials=spec.max_concurrent, scheduler=scheduler),
-        run_config=tune.RunConfig(name="study", storage_path=join(spec.study_dir, "tune"), verbose=0,
+        run_config=tune.RunConfig(name="study", storage_path=join(spec.results_dir, "tune"), verbose=0,
                                   # a trial whose driver died (its node lost) runs again, and its
                                   # TorchTrainer resumes from the trial's last checkpoint
                                   failure_config=tune.FailureConfig(max_failures=DRIVER_RETRIES),
@@ -143,7 +139,7 @@ def prompt_datasets(spec: StudySpec, fixed: dict):
     return {name: ray.data.from_items(part).materialize() for name, part in rows.items()}, hashes
 
 
-def summary(spec: StudySpec, results, local: bool) -> dict:
+def summary(spec: StudySpec, results) -> dict:
     """Every trial's last report and status, and the best finished trial with its mask and MLflow run."""
     trials = []
     for r in results:
@@ -154,20 +150,36 @@ def summary(spec: StudySpec, results, local: bool) -> dict:
                                                 "step", "compute_seconds", "checkpoint_path")},
                        "ended_at": m.get("timestamp")})
     out = {"concept": spec.concept, "sweep_id": spec.sweep_id, "space": spec.space, "trials": trials,
-           "objective": SCORE_FORMULA, "study_dir": spec.study_dir,
-           "optuna_storage": f"sqlite:///{os.path.join(spec.study_dir, 'optuna.db')}" if local else None,
-           "optuna_study": spec.study_name}
+           "objective": SCORE_FORMULA, "study_dir": spec.study_dir, "results_dir": spec.results_dir,
+           "optuna_storage": optuna_storage(spec), "optuna_study": spec.study_name}
     finished = [t for t in trials if t["score"] is not None and t["status"] == "finished"]
     if finished:
         best = max(finished, key=lambda t: t["score"])
         out["best"] = best
-        if local and best.get("checkpoint_path"):
-            target = os.path.join(spec.study_dir, "best.safetensors")
-            shutil.copyfile(os.path.join(best["checkpoint_path"], MASK_FILE), target)
-            best["mask_file"] = target
-            with open(os.path.join(best["checkpoint_path"], RUN_FILE)) as f:
-                best["mlflow_run_id"] = json.load(f).get("mlflow_run_id")
+        if best.get("checkpoint_path"):
+            best["mask_file"], best["mlflow_run_id"] = _fetch_best(spec, best["checkpoint_path"])
     return out
+
+
+def optuna_storage(spec: StudySpec) -> str:
+    return f"sqlite:///{os.path.join(spec.study_dir, 'optuna.db')}"
+
+
+def _fetch_best(spec: StudySpec, checkpoint_path: str) -> tuple[str, str | None]:
+    """The best trial's mask, copied next to the study's files, and its MLflow run id.
+
+    Tune names a checkpoint by its path inside the storage's filesystem: with a URI storage
+    (s3://bucket/...) that path has lost the scheme, which comes back from the storage."""
+    import pyarrow.fs
+
+    scheme = spec.storage.split("://", 1)[0] if "://" in spec.storage else None
+    filesystem, folder = pyarrow.fs.FileSystem.from_uri(f"{scheme}://{checkpoint_path}" if scheme
+                                                        else os.path.abspath(checkpoint_path))
+    target = os.path.join(spec.study_dir, "best.safetensors")
+    with filesystem.open_input_stream(f"{folder}/{MASK_FILE}") as source, open(target, "wb") as out:
+        shutil.copyfileobj(source, out)
+    with filesystem.open_input_stream(f"{folder}/{RUN_FILE}") as source:
+        return target, json.loads(source.read()).get("mlflow_run_id")
 
 
 def run_closer(spec: StudySpec):

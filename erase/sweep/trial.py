@@ -34,7 +34,7 @@ from erase.trial import MASK_FILE, Report
 # on the head and a lost GPU node costs only its worker, which restarts from its checkpoint.
 DRIVER_RESOURCE = "erase_driver"
 DRIVER_SLOTS = 1000  # units the head advertises: at most this many trials at once
-GAVE_UP_FILE = "gave-up.txt"  # in a trial's Train folder once its workers' retries ran out
+GAVE_UP_FILE = "gave-up.txt"  # in trials/<trial>/ of the study's folder once its workers' retries ran out
 
 
 def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
@@ -52,7 +52,7 @@ def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
     resources = {"CPU": spec.cpus_per_worker}
     if spec.gpus_per_worker > 0:
         resources[spec.accelerator] = spec.gpus_per_worker
-    gave_up = os.path.join(spec.study_dir, "train", plan.trial_name, GAVE_UP_FILE)
+    gave_up = os.path.join(spec.study_dir, "trials", plan.trial_name, GAVE_UP_FILE)  # beside the study's files
     if os.path.isfile(gave_up):  # Tune runs a trial again when its driver dies, not when Train gave up
         with open(gave_up) as f:
             raise TrainGaveUp(f.read())
@@ -66,7 +66,7 @@ def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
         dataset_config=ray.train.DataConfig(datasets_to_split=["erase", "neutral"], execution_options=ingest),
         run_config=ray.train.RunConfig(
             # the trial's name as the run's: a resumed sweep finds the run's checkpoints again
-            name=plan.trial_name, storage_path=join(spec.study_dir, "train"),
+            name=plan.trial_name, storage_path=join(spec.results_dir, "train"),
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=[TuneReportCallback()]),
     )
