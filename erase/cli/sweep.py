@@ -2,9 +2,11 @@
 
 Ray Tune + Optuna over a search space (erase/spaces/), one Optuna study per concept, with
 ASHA stopping trials early on score = max(0, 1 - erasure_rate / base_rate) * preservation.
-Each trial is a Ray Train run (one worker per GPU, the CPU otherwise), every trial an MLflow
-run. With no flags: a small sweep of the toy world's 'striped' on a local Ray. Ctrl-C stops
-cleanly; --resume ID continues without losing finished trials.
+Each trial is a Ray Train run whose worker asks for a GPU (FLUX.1 checkpoints) or a CPU (the
+toy world) whether or not one is up yet, so an autoscaling cluster scales up for it; every
+trial is an MLflow run. With no flags: a small sweep of the toy world's 'striped' on a local
+Ray. Ctrl-C stops cleanly; --resume ID continues without losing finished trials. On a
+cluster: --address auto, --storage on shared storage or a URI (README, "Run on a cluster").
 """
 
 from __future__ import annotations
