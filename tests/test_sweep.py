@@ -315,7 +315,39 @@ def test_under_ray_job_submit_relative_paths_are_refused_with_the_flags_to_pass(
         plan("toy", ["striped"], "toy_fast", 2, "s3://b/s", tracking_uri="http://mlflow:5000")
     with pytest.raises(SweepError, match=r"--tracking-uri 'sqlite:///mlflow.db'"):
         plan("toy", ["striped"], "toy_fast", 2, str(tmp_path), tracking_uri="sqlite:///mlflow.db")
+    saved = tmp_path / "state" / "s1" / "striped"
+    saved.mkdir(parents=True)
+    (saved / "spec.json").write_text(json.dumps({"sweep_id": "s1", "concept": "striped", "storage": "s3://b/s",
+                                                 "state_dir": str(tmp_path / "state"),
+                                                 "tracking_uri": "http://mlflow:5000"}))
+    # a resume is judged by what the sweep saved, not by the flags' defaults
+    assert plan("toy", [], "toy_fast", 2, "erase-sweeps", resume="s1", state_dir=str(tmp_path / "state"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.erase.svc.cluster.local:5000")  # as the pods have it
     assert plan("toy", ["striped"], "toy_fast", 2, str(tmp_path))[0].storage == str(tmp_path)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert plan("toy", ["striped"], "toy_fast", 2, "erase-sweeps", tracking_uri="sqlite:///mlflow.db")
+
+
+def test_relative_folders_are_made_absolute_before_a_trial_driver_runs_in_tunes_trial_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = plan("toy", ["striped"], "toy_fast", 2, "rel")[0]
+    assert spec.storage == str(tmp_path / "rel")
+    monkeypatch.chdir("/")  # Tune's trial folder, say: the paths do not move
+    assert spec.study_dir == str(tmp_path / "rel" / spec.sweep_id / "striped")
+
+
+def test_resume_clears_the_markers_of_trials_train_gave_up_on_at_a_uri_storage(tmp_path):
+    from erase.sweep.study import clear_gave_up_markers
+    from erase.sweep.trial import GAVE_UP_FILE, train_storage
+
+    spec = StudySpec(sweep_id="s", concept="c", storage=(tmp_path / "results").as_uri(), state_dir=str(tmp_path))
+    filesystem, train_dir = train_storage(spec)
+    assert train_dir == str(tmp_path / "results" / "s" / "c" / "train")
+    for trial in ("t1", "t2"):
+        filesystem.create_dir(f"{train_dir}/{trial}", recursive=True)
+        with filesystem.open_output_stream(f"{train_dir}/{trial}/{GAVE_UP_FILE}") as f:
+            f.write(b"gave up")
+    (tmp_path / "results" / "s" / "c" / "train" / "t1" / "checkpoint.txt").write_text("kept")
+    clear_gave_up_markers(spec)
+    left = sorted(p.name for p in (tmp_path / "results").rglob("*") if p.is_file())
+    assert left == ["checkpoint.txt"]

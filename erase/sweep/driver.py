@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -47,10 +48,14 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
 
     Everything that can be checked without Ray is checked here: the concepts, the space and its
     fixed settings, the prompt files, paths that a Ray job would lose."""
-    options["state_dir"] = state_folder(storage, options.get("state_dir"))
-    _check_paths_outlive_a_ray_job(storage, options["state_dir"], options.get("tracking_uri"))
+    state_dir = state_folder(storage, options.get("state_dir"))
     if resume:
-        return _saved_specs(options["state_dir"] or storage, resume)
+        specs = _saved_specs(state_dir or storage, resume)
+        _check_paths_outlive_a_ray_job(specs[0].storage, specs[0].state_dir, specs[0].tracking_uri)
+        return specs
+    _check_paths_outlive_a_ray_job(storage, state_dir, options.get("tracking_uri"))
+    # absolute from here: a trial driver runs in Tune's trial folder, not where `erase sweep` ran
+    storage, options["state_dir"] = absolute(storage), absolute(state_dir)
     if trials < 1:
         raise SweepError(f"--trials must be at least 1, got {trials}")
     options["gpus_per_worker"] = _gpus_per_worker(model, options.pop("gpus_per_trial", None),
@@ -73,6 +78,11 @@ def plan(model: str, concepts: list[str], space: str, trials: int, storage: str,
     sweep_id = new_sweep_id(model)
     return [StudySpec(sweep_id=sweep_id, concept=c, model=model, space=space, trials=trials, storage=storage, **options)
             for c in concepts]
+
+
+def absolute(path: str | None) -> str | None:
+    """A folder made absolute against this process's working directory; a URI or None as it is."""
+    return path if path is None or "://" in path else os.path.abspath(path)
 
 
 def _gpus_per_worker(model: str, gpus_per_trial: float | None, workers_per_trial: int) -> float:
@@ -170,6 +180,7 @@ def run_sweep(specs: list[StudySpec], *, address: str | None = None, max_concurr
     try:
         slots = max_concurrent or _slots(specs[0], ray.cluster_resources(), _autoscaler_maximum(),
                                          local=address is None)
+        slots = min(slots, sum(spec.trials for spec in specs))  # an unbounded autoscaler: no more than the trials
         at_once = min(len(specs), slots)
         pin = ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0
         if not pin:
@@ -226,6 +237,9 @@ def _run_studies(specs: list[StudySpec], env: dict, at_once: int, on_progress, p
         raise KeyboardInterrupt(f"sweep {specs[0].sweep_id} interrupted; every study saved its state. Continue "
                                 f"with: {resume_command(specs[0])}") from None
     finally:
+        for _, _, proc in running:  # an error here must not leave studies running on the cluster
+            if proc.poll() is None:
+                proc.kill()
         if on_progress is not None:
             on_progress(_read_progress(specs))
         for _, log, _ in ended + running:
@@ -283,10 +297,11 @@ def _slots(spec: StudySpec, resources: dict, maximum: dict | None, local: bool) 
         most = (maximum or {}).get(spec.accelerator) or resources.get(spec.accelerator, 0)
         if most < per_trial:
             raise SweepError(f"each trial asks for {per_trial:g} {spec.accelerator}, but the cluster has "
-                             f"{resources.get(spec.accelerator, 0):g} now and Ray knows of no autoscaler limit: "
+                             f"{resources.get(spec.accelerator, 0):g} now and the autoscaler's limit is "
+                             f"{(maximum or {}).get(spec.accelerator, 'unknown')}: "
                              "pass --max-concurrent N (trials at once; they wait for the autoscaler), or "
                              "--gpus-per-trial 0 to run on CPUs")
-        return max(1, int(most // per_trial))
+        return max(1, math.floor(most / per_trial + 1e-9))  # 1 / 0.1 is 9.99...: count whole trials
     cpus = (os.cpu_count() or 1) if local else int(resources.get("CPU", 1))
     return max(1, int(cpus // (spec.cpus_per_worker * spec.workers_per_trial)))
 

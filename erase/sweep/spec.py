@@ -79,6 +79,9 @@ class StudySpec:
         if unknown:
             raise SweepError(f"{path} has settings this version of erase does not know ({', '.join(sorted(unknown))}): "
                              "resume it with the version that started it")
+        for key in ("storage", "state_dir"):  # sweeps started before paths were made absolute
+            if values.get(key) and "://" not in values[key]:
+                values[key] = os.path.abspath(values[key])
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @property

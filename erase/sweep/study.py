@@ -10,7 +10,6 @@ It keeps `progress.json` current for the driver and ends by writing `summary.jso
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -54,7 +53,7 @@ def run_study(spec: StudySpec) -> dict:
     from ray import tune
 
     from erase.spaces import load_space
-    from erase.sweep.trial import DRIVER_RESOURCE, GAVE_UP_FILE, trial
+    from erase.sweep.trial import DRIVER_RESOURCE, trial
 
     space = load_space(spec.space, run_config.FILE_KEYS)
     datasets, hashes = prompt_datasets(spec, space.fixed)
@@ -69,12 +68,22 @@ def run_study(spec: StudySpec) -> dict:
     os.makedirs(spec.study_dir, exist_ok=True)
     progress = ProgressFile(os.path.join(spec.study_dir, "progress.json"), spec.concept, spec.trials)
     if tune.Tuner.can_restore(path):  # a restored Tuner keeps the callbacks it was made with
-        for marker in glob.glob(os.path.join(spec.study_dir, "trials", "*", GAVE_UP_FILE)):
-            os.remove(marker)  # --resume gives errored trials their workers' retries again
+        clear_gave_up_markers(spec)  # --resume gives errored trials their workers' retries again
         tuner = tune.Tuner.restore(path, trainable=name, resume_errored=True)
     else:
         tuner = _new_tuner(spec, space, name, progress)
     return summary(spec, tuner.fit())
+
+
+def clear_gave_up_markers(spec: StudySpec) -> None:
+    import pyarrow.fs
+
+    from erase.sweep.trial import GAVE_UP_FILE, train_storage
+
+    filesystem, train_dir = train_storage(spec)
+    for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(train_dir, recursive=True, allow_not_found=True)):
+        if entry.is_file and entry.base_name == GAVE_UP_FILE:
+            filesystem.delete_file(entry.path)
 
 
 def _new_tuner(spec: StudySpec, space, trainable: str, progress: "ProgressFile"):

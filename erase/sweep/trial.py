@@ -34,7 +34,7 @@ from erase.trial import MASK_FILE, Report
 # on the head and a lost GPU node costs only its worker, which restarts from its checkpoint.
 DRIVER_RESOURCE = "erase_driver"
 DRIVER_SLOTS = 1000  # units the head advertises: at most this many trials at once
-GAVE_UP_FILE = "gave-up.txt"  # in trials/<trial>/ of the study's folder once its workers' retries ran out
+GAVE_UP_FILE = "gave-up.txt"  # in the trial's Train run folder once its workers' retries ran out
 
 
 def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
@@ -52,10 +52,11 @@ def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
     resources = {"CPU": spec.cpus_per_worker}
     if spec.gpus_per_worker > 0:
         resources[spec.accelerator] = spec.gpus_per_worker
-    gave_up = os.path.join(spec.study_dir, "trials", plan.trial_name, GAVE_UP_FILE)  # beside the study's files
-    if os.path.isfile(gave_up):  # Tune runs a trial again when its driver dies, not when Train gave up
-        with open(gave_up) as f:
-            raise TrainGaveUp(f.read())
+    filesystem, train_dir = train_storage(spec)
+    gave_up = f"{train_dir}/{plan.trial_name}/{GAVE_UP_FILE}"  # on the storage: every node's driver sees it
+    if filesystem.get_file_info(gave_up).is_file:  # Tune runs a trial again when its driver died, not when Train gave up
+        with filesystem.open_input_stream(gave_up) as f:
+            raise TrainGaveUp(f.read().decode())
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # each worker's shard keeps the rows' order: erase train's batches, one worker
     trainer = TorchTrainer(
@@ -73,10 +74,17 @@ def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as error:
-        os.makedirs(os.path.dirname(gave_up), exist_ok=True)
-        with open(gave_up, "w") as f:
-            f.write(f"Ray Train gave up on this trial after its workers' retries: {error}")
+        filesystem.create_dir(f"{train_dir}/{plan.trial_name}", recursive=True)
+        with filesystem.open_output_stream(gave_up) as f:
+            f.write(f"Ray Train gave up on this trial after its workers' retries: {error}".encode())
         raise
+
+
+def train_storage(spec: StudySpec):
+    """(pyarrow filesystem, path) of the study's Train runs: a shared folder or a URI storage."""
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(join(spec.results_dir, "train"))
 
 
 class TrainGaveUp(RuntimeError):
