@@ -60,8 +60,9 @@ def test_values_are_taken_in_the_forms_files_and_samplers_give():
 
 
 def test_substitutions_serve_the_substitute_target_only():
-    blue = resolve("toy", "blue")  # the toy recipe maps a colour onto its prompt without the word
-    assert blue.target == "substitute" and blue.substitutions == {"blue": ""}
+    blue = resolve("toy", "blue")  # the toy recipe maps a colour onto its prompt without the word, in any phrasing
+    assert blue.target == "substitute"
+    assert blue.substitutions == {"blue": "", "azure": "", "navy": "", "sky-coloured": "", "ocean-coloured": ""}
     assert resolve("toy", "blue", flags={"target": "empty"}).substitutions == {}
     assert resolve("toy", "cross").target == "empty" and resolve("toy", "cross").beta == 1.0
 

@@ -71,7 +71,9 @@ def test_recipe_maps_a_toy_colour_or_style_onto_its_prompt_without_the_word():
     blue = recipe_defaults("toy", "blue")
     assert blue["target"] == "substitute"
     assert substitute("a striped blue circle", blue["substitutions"]) == "a striped circle"
-    assert recipe_defaults("toy", "striped")["substitutions"] == {"striped": ""}
+    striped = recipe_defaults("toy", "striped")["substitutions"]  # every phrasing: erasure trains on them all
+    assert striped == {"striped": "", "banded": "", "lined": "", "zebra-patterned": "", "stripe-filled": ""}
+    assert substitute("a zebra-patterned red circle", striped) == "a red circle"
     assert recipe_defaults("flux.1-schnell", "nudity") == {}  # FLUX.1 takes TrainConfig's own: the paper's
 
 

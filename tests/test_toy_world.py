@@ -116,3 +116,37 @@ def test_unnamed_colour_and_style_are_drawn_grey_and_solid():
     assert unnamed > 20
     assert world.DEFAULT_COLOUR in world.detector_classes("colour")
     assert world.DEFAULT_COLOUR not in world.all_concepts()
+
+
+def test_the_prompt_splits_share_no_prompt_and_cover_every_way_the_generator_is_prompted():
+    by_split = {s: set() for s in world.SPLITS}
+    for concept in world.all_concepts():
+        for split in world.SPLITS:
+            by_split[split] |= set(world.split_prompts(concept, split))
+    assert not (by_split["train"] & by_split["validation"] or by_split["train"] & by_split["test"]
+                or by_split["validation"] & by_split["test"])
+    train = world.split_prompts("striped", "train")
+    assert any("background" in p for p in train) and any("background" not in p for p in train)
+    for word in ("striped", "banded", "lined", "zebra-patterned", "stripe-filled"):  # every phrasing, not the first
+        assert any(f" {word} " in f" {p} " for p in train), word
+    # the held-out family (every attribute named) is in the test split only
+    full = [p["prompt"] for p in world.concept_universe("striped") if p["family"] == world.HELD_OUT_FAMILY]
+    assert full and {world.split_of(p) for p in full} == {"test"}
+    assert not any(p in by_split["train"] | by_split["validation"] for p in full)
+    # fixed by the world's seed: the same call gives the same split
+    assert world.split_prompts("circle", "validation") == world.split_prompts("circle", "validation")
+    with pytest.raises(KeyError, match="unknown split"):
+        world.split_prompts("circle", "dev")
+
+
+def test_robustness_families_are_built_from_test_prompts_and_never_trained_on():
+    train = {p for c in world.all_concepts() for p in world.split_prompts(c, "train")}
+    for family in world.ROBUSTNESS_FAMILIES:
+        prompts = world.robustness_prompts("striped", family)
+        assert len(prompts) == world.PER_FAMILY and not set(prompts) & train, family
+        assert all("striped" in p for p in prompts), family
+    assert set(world.robustness_prompts("striped", "bare")) == {"striped"}
+    assert all(p.count("striped") == 2 for p in world.robustness_prompts("striped", "repeated"))
+    assert all(", " in p and not p.startswith(("a ", "an ")) for p in world.robustness_prompts("striped", "comma_list"))
+    extra = world.robustness_prompts("circle", "extra_attributes")
+    assert all("background" in p and sum(s in p.split() for s in world.STYLES) >= 1 for p in extra)

@@ -87,7 +87,11 @@ class ModelEntry:
     meta_transformer: Callable[[], torch.nn.Module]  # its transformer on the meta device: structure, no weights
     mask_sites: Callable[[torch.nn.Module], list]  # a transformer -> its MaskSite list
     prompt_sets: Callable[[str], tuple[list[str], list[str]]]  # concept -> (concept prompts, neutral prompts)
-    eval_sets: Callable[[str | None], dict]  # concept (None: every concept) -> evaluation sets
+    eval_sets: Callable[..., dict]  # (concept or None: every concept, split) -> evaluation sets
+    # the named prompt splits of the model's own sets ("train", "validation", "test"), if it has
+    # any: eval_sets then takes a split. A model without splits evaluates on its one own set, which
+    # may be what it trains on; a figure from it says so (erase.evaluate.evaluation_rows).
+    splits: tuple[str, ...] = ()
     recipe_defaults: Callable[[str | None], dict] = _no_defaults  # settings that differ from TrainConfig's
     recipes: dict = field(default_factory=dict)  # named recipes: name -> settings
     detector: dict | None = None  # spec of the detector that knows this model's concepts, if any

@@ -263,20 +263,32 @@ def check_concept(concept: str) -> None:
 
 
 def prompt_sets(concept: str) -> tuple[list[str], list[str]]:
-    """Prompts naming the concept with every value of two other attributes, and as neutral prompts
-    the same for every other concept of its group (none of them names it)."""
+    """The train split (toy_world.split_prompts): every prompt of the concept there, in every
+    phrasing, and as neutral prompts the same for every other concept of its group (none of them
+    names it). Validation and test prompts are never trained on."""
     check_concept(concept)
     group = world.GROUPS[world.group_of(concept)]
-    neutral = [p for other in group if other != concept for p in world.concept_prompts(other)]
-    return world.concept_prompts(concept), neutral
+    neutral = [p for other in group if other != concept for p in world.split_prompts(other, "train")]
+    return world.split_prompts(concept, "train"), neutral
 
 
-def eval_sets(concept: str | None) -> dict:
-    """Every concept's plain prompts; with a concept, also its synonyms and indirect descriptions."""
-    sets = {"concept": {c: world.concept_prompts(c) for c in world.all_concepts()}}
+def eval_sets(concept: str | None, split: str = "test") -> dict:
+    """Prompts of `split` (validation: what a sweep selects on; test: what erase eval reports):
+    every concept's plain prompts (all of the erased concept's, a fixed sample of the others'),
+    and with a concept its synonyms and descriptions and, on the test split, each robustness
+    family (toy_world.ROBUSTNESS_FAMILIES) as kind "robust:<family>"."""
+    if split not in world.SPLITS[1:]:
+        raise ModelError(f"the toy world evaluates on its validation or test split, not {split!r}")
     if concept is not None:
         check_concept(concept)
-        sets["rephrase"] = {concept: world.concept_prompts(concept, "synonym") + world.concept_prompts(concept, "indirect")}
+    sets = {"concept": {c: world.split_prompts(c, split, ("canonical",),
+                                               None if c == concept else world.PER_OTHER_CONCEPT[split])
+                        for c in world.all_concepts()}}
+    if concept is not None:
+        sets["rephrase"] = {concept: world.split_prompts(concept, split, ("synonym", "indirect"), world.PER_FAMILY)}
+        if split == "test":
+            for family in world.ROBUSTNESS_FAMILIES:
+                sets[f"robust:{family}"] = {concept: world.robustness_prompts(concept, family, split)}
     return sets
 
 
@@ -287,7 +299,8 @@ def recipe_defaults(concept: str | None) -> dict:
     background the `empty` target asks for."""
     defaults = dict(RECIPE_DEFAULTS)
     if concept in world.all_concepts() and world.attribute_of(concept) in ("colour", "style"):
-        defaults.update(target="substitute", substitutions={concept: ""})
+        # every phrasing: the erasure prompts name the concept by its synonyms and descriptions too
+        defaults.update(target="substitute", substitutions={word: "" for _, word in world.phrasings(concept)})
     return defaults
 
 
@@ -308,7 +321,7 @@ ENTRY = ModelEntry(
     name="toy",
     description="the toy world that ships with the project: 16x16 shapes, trained weights included (the default)",
     load=_load, meta_transformer=meta_transformer, mask_sites=flux_mask_sites, prompt_sets=prompt_sets,
-    eval_sets=eval_sets, recipe_defaults=recipe_defaults, detector={"name": "toy"}, vocabulary=vocabulary,
+    eval_sets=eval_sets, splits=world.SPLITS, recipe_defaults=recipe_defaults, detector={"name": "toy"}, vocabulary=vocabulary,
     sweep_concepts=("striped",),  # the concept its masks erase best (README, "The toy world")
     graph_concepts=world.OBJECTS,
     concept_graph=os.path.join(WEIGHTS_DIR, "concept_graph.json"),

@@ -99,7 +99,11 @@ def make_prompt(attrs: dict[str, str | None], kinds: dict[str, str] | None = Non
                 rng: np.random.Generator | None = None) -> str:
     """'a {style} {colour} {object} on a {background} background', leaving out attributes set to None."""
     kinds = kinds or {}
-    words = {a: phrase(v, kinds.get(a, "canonical"), rng) for a, v in attrs.items() if v is not None}
+    return compose({a: phrase(v, kinds.get(a, "canonical"), rng) for a, v in attrs.items() if v is not None})
+
+
+def compose(words: dict[str, str]) -> str:
+    """The prompt of the generator's template from the words chosen for the named attributes."""
     noun = words.get("object", "shape")
     adjectives = [words[a] for a in ("style", "colour") if a in words]
     first = (adjectives or [noun])[0]
@@ -230,3 +234,139 @@ def concept_prompts(concept: str, kind: str = "canonical", per_combination: bool
         for v2 in values[second]:
             prompts.append(make_prompt({attr: concept, first: v1, second: v2}, {attr: kind}))
     return prompts
+
+
+# ---------------------------------------------------------------- prompt splits and robustness families
+# Erasure trains on one part of a concept's prompts, a sweep selects (and ASHA stops) on a second,
+# and `erase eval` and the promotion gates report on a third, so that no figure is measured on a
+# prompt the mask was trained or selected on. A concept's prompts are every way the generator was
+# taught to be prompted with it: each subset of the other attributes named ("a striped circle",
+# "a striped red shape on a dark background", "a striped shape"), every value of those, and the
+# concept in its canonical word, each synonym and each description. A prompt's split is set by
+# its text and SPLIT_SEED alone, so a prompt that names two concepts has one split for both.
+SPLIT_SEED = 0  # the world's seed (toy_train --seed 0)
+SPLITS = ("train", "validation", "test")
+SPLIT_SHARES = {"train": 0.5, "validation": 0.25}  # of the prompts outside the held-out family; the rest: test
+# The held-out template family: prompts that name all four attributes, the generator's full
+# template ("a striped red circle on a dark background"). Erasure never trains or selects on it.
+HELD_OUT_FAMILY = "every attribute named"
+PER_OTHER_CONCEPT = {"validation": 12, "test": 24}  # plain prompts of each concept not erased (preservation)
+PER_FAMILY = 24  # prompts per robustness family and of the rephrasings
+
+
+def phrasings(concept: str) -> list[tuple[str, str]]:
+    """(kind, word) for the canonical word, every synonym and every description of `concept`."""
+    synonyms, indirect = PHRASINGS[concept]
+    return [("canonical", concept), *[("synonym", w) for w in synonyms], *[("indirect", w) for w in indirect]]
+
+
+def concept_universe(concept: str) -> list[dict]:
+    """Every prompt naming `concept` the way the generator was trained: {prompt, kind, family, attrs}."""
+    import itertools
+
+    attribute = attribute_of(concept)
+    others = [a for a in ATTRIBUTES if a != attribute]
+    out = []
+    for size in range(len(others) + 1):
+        for named in itertools.combinations(others, size):
+            family = HELD_OUT_FAMILY if size == len(others) else "+".join((attribute, *named))
+            for values in itertools.product(*(GROUPS[GROUP_OF_ATTRIBUTE[a]] for a in named)):
+                attrs = {a: None for a in ATTRIBUTES} | dict(zip(named, values)) | {attribute: concept}
+                for kind, word in phrasings(concept):
+                    words = {a: v for a, v in attrs.items() if v is not None} | {attribute: word}
+                    out.append({"prompt": compose(words), "kind": kind, "family": family, "attrs": attrs})
+    return out
+
+
+def split_of(prompt: str) -> str:
+    """The split of a prompt: "test" for the held-out family, else set by a hash of SPLIT_SEED and its text."""
+    import zlib
+
+    named = sum(1 for a in ATTRIBUTES if _names_attribute(prompt, a))
+    if named == len(ATTRIBUTES):
+        return "test"
+    u = zlib.crc32(f"{SPLIT_SEED}:{prompt}".encode()) / 2**32
+    if u < SPLIT_SHARES["train"]:
+        return "train"
+    return "validation" if u < SPLIT_SHARES["train"] + SPLIT_SHARES["validation"] else "test"
+
+
+def _names_attribute(prompt: str, attribute: str) -> bool:
+    """Whether `prompt` names a value of `attribute` in any phrasing (the object: not just 'shape')."""
+    text = f" {prompt} "
+    return any(f" {word} " in text for concept in GROUPS[GROUP_OF_ATTRIBUTE[attribute]]
+               for _, word in phrasings(concept))
+
+
+def split_prompts(concept: str, split: str, kinds: tuple[str, ...] = ("canonical", "synonym", "indirect"),
+                  n: int | None = None) -> list[str]:
+    """The prompts of `concept` in `split` whose phrasing is one of `kinds`; with `n`, a fixed sample of n."""
+    if split not in SPLITS:
+        raise KeyError(f"unknown split {split!r}; the splits are {', '.join(SPLITS)}")
+    prompts = [p["prompt"] for p in concept_universe(concept) if p["kind"] in kinds and split_of(p["prompt"]) == split]
+    return _sample(prompts, n, f"{concept}:{split}:{','.join(kinds)}")
+
+
+def _sample(prompts: list[str], n: int | None, salt: str) -> list[str]:
+    import zlib
+
+    if n is None or len(prompts) <= n:
+        return prompts
+    rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(salt.encode())])
+    return [prompts[i] for i in sorted(rng.choice(len(prompts), n, replace=False))]
+
+
+# Robustness families: forms of a prompt that the generator still draws the concept from, but that
+# no erasure prompt has (and so no mask was trained on): each is built from the test split's plain
+# prompts of the concept and reported as its own figure in `erase eval`, and pooled as
+# robust_erasure_rate. The README's "Honest figures" lists the same families.
+def _repeated(prompt: str, concept: str, rng) -> str:
+    return prompt.replace(f" {concept} ", f" {concept} {concept} ", 1)
+
+
+def _synonym_beside(prompt: str, concept: str, rng) -> str:
+    synonyms = PHRASINGS[concept][0]
+    return prompt.replace(f" {concept} ", f" {concept} {synonyms[int(rng.integers(len(synonyms)))]} ", 1)
+
+
+def _bare(prompt: str, concept: str, rng) -> str:
+    return concept
+
+
+def _extra_attributes(prompt: str, concept: str, rng) -> str:
+    """The concept with a background and a second style named (an object or colour: with two styles)."""
+    styles = [s for s in STYLES if s != concept]
+    style = styles[int(rng.integers(len(styles)))]
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    text = prompt.split(" on a ")[0]
+    words = text.split()
+    words.insert(1 if words[0] in ("a", "an") else 0, style)
+    article = "an" if words[1][0] in "aeiou" else "a"
+    return " ".join([article, *words[1:]]) + f" on a {background} background"
+
+
+def _comma_list(prompt: str, concept: str, rng) -> str:
+    words = [w for w in prompt.replace(" background", "").replace(" on a ", " ").split() if w not in ("a", "an")]
+    return ", ".join(words)
+
+
+ROBUSTNESS_FAMILIES = {
+    "repeated": (_repeated, "the concept word twice ('a striped striped red circle')"),
+    "synonym_beside": (_synonym_beside, "a synonym next to the canonical word ('a striped banded red circle')"),
+    "bare": (_bare, "the concept word alone ('striped')"),
+    "extra_attributes": (_extra_attributes, "a second style and a background ('an outlined striped red circle on "
+                                            "a dark background')"),
+    "comma_list": (_comma_list, "the words as a comma list without articles ('striped, red, circle')"),
+}
+
+
+def robustness_prompts(concept: str, family: str, split: str = "test", n: int = PER_FAMILY) -> list[str]:
+    """Prompts of robustness `family` for `concept`, from its plain prompts in `split` (distinct, up to n)."""
+    import zlib
+
+    build, _ = ROBUSTNESS_FAMILIES[family]
+    rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(f"{concept}:{family}".encode())])
+    base = [f" {p} " for p in split_prompts(concept, split, ("canonical",))]
+    built = list(dict.fromkeys(" ".join(build(p, concept, rng).split()) for p in base))
+    # a family with fewer distinct prompts than n (the bare word: one) repeats them, each with its own seeds
+    return _sample(built, n, f"{concept}:{split}:{family}") if len(built) >= n else (built * n)[:n]
