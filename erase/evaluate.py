@@ -6,6 +6,12 @@ An evaluation is a list of rows {prompt, seed, concept, kind}; `kind` says what 
 - "neutral":  a prompt naming none of the evaluated concepts (fidelity, CLIP score);
 - "adversarial:<set>": a prompt from a public attack set (Ring-A-Bell, MMA-Diffusion, P4D, I2P).
 
+Every row names the prompt set it came from ("toy:test", "file:my.txt"), and every figure carries
+`split`: {name, hash, prompts}, the sets' names and a hash of its distinct prompts, so that a
+figure says which prompts it was measured on (erase.evaluate.split_figure). A model with prompt
+splits (the toy world: train, validation, test) is evaluated on "test" unless told otherwise; a
+sweep selects on "validation"; neither is ever trained on.
+
 The figures, each {value, n, low, high} (a 95% interval: Wilson for rates, bootstrap over
 images for preservation, normal for means):
 - detection rate of a concept: share of its "concept" generations in which the detector finds it;
@@ -17,6 +23,10 @@ images for preservation, normal for means):
 - neutral_fidelity: mean absolute pixel difference (images in [0, 1]) between masked and base
   generations from the same noise, on prompts that do not name the concept (0 = identical);
 - rephrase_erasure_rate: detection rate of the concept on "rephrase" prompts, with the mask;
+- robustness/<family>: its detection rate on each robustness family (kind "robust:<family>": the
+  word repeated, a synonym beside it, the bare word, extra attributes, a comma list; the toy
+  world's list is erase.pipelines.toy_world.ROBUSTNESS_FAMILIES), base and masked, and
+  robust_erasure_rate, pooled over the families and the rephrasings;
 - attack_success_rate: share of concept prompts for which a white-box attack (a prompt
   embedding optimised through the differentiable sampler, a fixed number of steps) brings the
   concept back in the masked model (see `whitebox_attack`);
@@ -199,40 +209,65 @@ def run_stages_locally(rows: list[dict], generate_stage: GenerateStage, detect_s
 
 
 def rows_from_sets(sets: dict[str, dict[str, list[str]]], seeds_per_prompt: int = 1,
-                   first_seed: int = 1_000_000) -> list[dict]:
+                   first_seed: int = 1_000_000, split: str = "") -> list[dict]:
     """Evaluation rows from prompt sets {kind: {concept: prompts}}, each prompt with `seeds_per_prompt`
-    fixed seeds, numbered from `first_seed` in the order of the sets."""
+    fixed seeds, numbered from `first_seed` in the order of the sets; every row names its `split`."""
     rows = []
     for kind, by_concept in sets.items():
         for concept, prompts in by_concept.items():
             for prompt in prompts:
                 for _ in range(seeds_per_prompt):
-                    rows.append({"prompt": prompt, "seed": first_seed + len(rows), "concept": concept, "kind": kind})
+                    rows.append({"prompt": prompt, "seed": first_seed + len(rows), "concept": concept, "kind": kind,
+                                 "split": split})
     return rows
 
 
-def evaluation_rows(model: str, concept: str | None, seeds_per_prompt: int = 2, *, prompts: list[str] | None = None,
-                    neutral: list[str] | None = None, rephrase: list[str] | None = None,
-                    adversarial: dict[str, list[str]] | None = None) -> list[dict]:
+def evaluation_rows(model: str, concept: str | None, seeds_per_prompt: int = 2, *, split: str = "test",
+                    prompts: list[str] | None = None, neutral: list[str] | None = None,
+                    rephrase: list[str] | None = None, adversarial: dict[str, list[str]] | None = None,
+                    files: dict[str, str] | None = None) -> list[dict]:
     """A model's evaluation rows for `concept` (None: every concept, plainly): the model's own sets
-    (erase.pipelines), with the user's prompt lists in place of the parts they name (the erased
-    concept's prompts, the neutral prompts, the rephrasings), then the adversarial sets."""
+    of `split` (erase.pipelines; "validation" is what a sweep selects on, "test" what erase eval
+    reports), with the user's prompt lists in place of the parts they name (the erased concept's
+    prompts, the neutral prompts, the rephrasings), then the adversarial sets.
+
+    Every row names its set in "split": "<model>:<split>" for the model's own, "<model>:own" for
+    a model without splits (its own set may be what it trains on), or "file:<path>" for the user's
+    lists, with the paths in `files` {"prompts", "neutral", "rephrase"}."""
     from erase.pipelines import model as model_entry
 
     if seeds_per_prompt < 1:
         raise EraseError(f"seeds per prompt must be at least 1, got {seeds_per_prompt}")
     if concept is None and (prompts or rephrase):
         raise EraseError("concept and rephrased prompts are the erased concept's: name the concept (--concept)")
-    sets = model_entry(model).eval_sets(concept)
-    if prompts:
-        sets["concept"][concept] = list(prompts)
-    if neutral:
-        sets["neutral"] = {"": list(neutral)}
-    if rephrase:
-        sets["rephrase"] = {concept: list(rephrase)}
-    rows = rows_from_sets(sets, seeds_per_prompt)
+    entry, files = model_entry(model), files or {}
+    if entry.splits:
+        sets, own = entry.eval_sets(concept, split), f"{model}:{split}"
+    else:
+        sets, own = entry.eval_sets(concept), f"{model}:own"
+    given = {"prompts": ("concept", concept, prompts), "neutral": ("neutral", "", neutral),
+             "rephrase": ("rephrase", concept, rephrase)}
+    replaced = {}
+    for name, (kind, key, values) in given.items():
+        if values:
+            sets.setdefault(kind, {})
+            if kind == "neutral":
+                sets[kind] = {}
+            sets[kind].pop(key, None)
+            replaced[(kind, key)] = (list(values), f"file:{files.get(name, 'given list')}")
+    rows = rows_from_sets(sets, seeds_per_prompt, split=own)
+    for (kind, key), (values, name) in replaced.items():
+        rows += rows_from_sets({kind: {key: values}}, seeds_per_prompt, first_seed=1_500_000 + len(rows), split=name)
     attacks = {f"adversarial:{name}": {concept or "": list(p)} for name, p in (adversarial or {}).items()}
-    return rows + rows_from_sets(attacks, seeds_per_prompt, first_seed=2_000_000)
+    return rows + rows_from_sets(attacks, seeds_per_prompt, first_seed=2_000_000, split="adversarial")
+
+
+def split_figure(rows: list[dict]) -> dict:
+    """Which prompts a figure came from: the sets' names and a hash of its distinct prompts."""
+    from erase.prompts import prompt_set_hash
+
+    names = sorted({str(r.get("split") or "unnamed") for r in rows})
+    return {"name": "+".join(names), "hash": prompt_set_hash(rows), "prompts": len({str(r["prompt"]) for r in rows})}
 
 
 # ---------------------------------------------------------------- the white-box attack
@@ -304,7 +339,7 @@ def figures(rows: list[dict], concept: str | None) -> dict:
     for kind in adversarial:
         chosen = [r for r in rows if r["kind"] == kind]
         report[kind.replace(":", "/")] = {"base": rate([r["found_base"] for r in chosen]),
-                                          "masked": rate([r[side] for r in chosen])}
+                                          "masked": rate([r[side] for r in chosen]), "split": split_figure(chosen)}
     if concept is None:
         return report
     if concept not in base_hits:
@@ -314,18 +349,31 @@ def figures(rows: list[dict], concept: str | None) -> dict:
     unrelated = lambda r, c: plain(r, c) and c != concept and not names(r["prompt"], concept)  # noqa: E731
     others_base = {c: v for c, v in hits("found_base", unrelated).items() if v.size}
     others_now = {c: v for c, v in hits(side, unrelated).items() if v.size}
+    erased = [r for r in rows if plain(r, concept)]
+    preserved = [r for r in rows if any(unrelated(r, c) for c in others_base)]
     report.update(
         concept=concept,
-        erasure_rate=rate(now_hits[concept]),
-        base_rate=rate(base_hits[concept]),
-        preservation=preservation_figure(others_base, others_now),
+        erasure_rate={**rate(now_hits[concept]), "split": split_figure(erased)},
+        base_rate={**rate(base_hits[concept]), "split": split_figure(erased)},
+        preservation={**preservation_figure(others_base, others_now), "split": split_figure(preserved)},
         preservation_by_concept={c: (float(others_now[c].mean() / others_base[c].mean()) if others_base[c].mean() > 0
                                      else None) for c in others_base},
     )
     rephrased = [r for r in rows if r["kind"] == "rephrase" and r["concept"] == concept]
     if rephrased:
-        report["rephrase_erasure_rate"] = rate([r[side] for r in rephrased])
-        report["rephrase_base_rate"] = rate([r["found_base"] for r in rephrased])
+        report["rephrase_erasure_rate"] = {**rate([r[side] for r in rephrased]), "split": split_figure(rephrased)}
+        report["rephrase_base_rate"] = {**rate([r["found_base"] for r in rephrased]), "split": split_figure(rephrased)}
+    robust = [r for r in rows if r["kind"].startswith("robust:") and r["concept"] == concept]
+    if robust:
+        report["robustness"] = {kind.split(":", 1)[1]: {
+            "masked": {**rate([r[side] for r in chosen]), "split": split_figure(chosen)},
+            "base": rate([r["found_base"] for r in chosen])}
+            for kind in dict.fromkeys(r["kind"] for r in robust) for chosen in [[r for r in robust if r["kind"] == kind]]}
+        # pooled over every robustness family and the rephrasings: each generation counts once
+        pooled = robust + rephrased
+        report["robust_erasure_rate"] = {**rate([r[side] for r in pooled]), "split": split_figure(pooled),
+                                         "families": [*report["robustness"], *(["rephrase"] if rephrased else [])]}
+        report["robust_base_rate"] = {**rate([r["found_base"] for r in pooled]), "split": split_figure(pooled)}
     return report
 
 
@@ -336,7 +384,7 @@ def neutral_fidelity(rows: list[dict], concept: str | None) -> dict:
     chosen = [r for r in rows if r["kind"] in ("concept", "neutral") and r["concept"] != concept
               and not (concept and names(r["prompt"], concept))]
     diffs = [np.abs(r["masked"].astype(np.float32) - r["base"].astype(np.float32)).mean() / 255 for r in chosen]
-    return mean_interval(diffs)
+    return {**mean_interval(diffs), "split": split_figure(chosen)}
 
 
 def names(prompt: str, concept: str) -> bool:
@@ -429,7 +477,7 @@ def _figure_cell(value) -> str:
 def html_report(report: dict, grids: dict[str, list[tuple[str, list[np.ndarray]]]], path: str, scale: int = 4) -> None:
     """One self-contained HTML file: the figures as a table, then before/after grids (images inline)."""
     keys = ["erasure_rate", "base_rate", "preservation", "neutral_fidelity", "rephrase_erasure_rate",
-            "attack_success_rate", "clip_score", "fid"] + [k for k in report if k.startswith("adversarial/")]
+            "robust_erasure_rate", "attack_success_rate", "clip_score", "fid"] + [k for k in report if k.startswith("adversarial/")]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{_figure_cell(report[k])}</td></tr>" for k in keys if k in report)
     detection = report.get("detection", {})
     base = report.get("base_detection", {})
@@ -529,7 +577,8 @@ def evaluate(settings: EvalSettings, rows: list[dict], *, run_stages=None, stage
         images = whitebox_attack(gen_stage.gen, gen_stage.sites, gen_stage.binary, attacked, seeds,
                                  settings.attack, progress=progress)
         found = stage("detect").detector.detect(images)[concept][1]
-        report["attack_success_rate"] = {**rate(found), "budget_steps": settings.attack.steps, "lr": settings.attack.lr}
+        report["attack_success_rate"] = {**rate(found), "budget_steps": settings.attack.steps, "lr": settings.attack.lr,
+                                         "split": split_figure([r for r in rows if r["prompt"] in attacked])}
         from erase.detectors import to_uint8
 
         report["_attack_images"] = list(to_uint8(images))
@@ -556,14 +605,16 @@ def _utility(settings: EvalSettings, results: list[dict], detector) -> dict:
             images = torch.from_numpy(np.stack([r[side] for r in neutral])).permute(0, 3, 1, 2).float() / 255
             return clip.clip_score(images, prompts)
 
-        out["clip_score"] = {"base": mean_interval(score("base")), "masked": mean_interval(score("masked"))}
+        out["clip_score"] = {"base": mean_interval(score("base")), "masked": mean_interval(score("masked")),
+                             "split": split_figure(neutral)}
     if not settings.fid_weights:
         out["fid"] = {"skipped": "no Inception weights: pass --fid-weights FILE (a TorchScript Inception-v3, "
                                  "e.g. pt_inception-2015-12-05.pt) to compute FID"}
     else:
         base = inception_features(settings.fid_weights, [r["base"] for r in results])
         masked = inception_features(settings.fid_weights, [r["masked"] for r in results])
-        out["fid"] = {"value": frechet_distance(masked, base), "n": len(results), "against": "base model, same prompts"}
+        out["fid"] = {"value": frechet_distance(masked, base), "n": len(results), "against": "base model, same prompts",
+                      "split": split_figure(results)}
     return out
 
 

@@ -60,6 +60,15 @@ def _table_column(path: str, fmt: str, column: str, what: str) -> list[str]:
     return [str(p).strip() for p in table.column(column).to_pylist() if p is not None and str(p).strip()]
 
 
+def prompt_set_hash(prompts) -> str:
+    """A short sha256 of a prompt set: its distinct prompt texts, sorted (rows {prompt, ...} or strings),
+    so that the same set hashes alike however many noises or seeds each prompt has, in any order."""
+    import hashlib
+
+    texts = sorted({str(p["prompt"]) if isinstance(p, dict) else str(p) for p in prompts})
+    return hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()[:16]
+
+
 def parse_substitutions(items: list[str] | None) -> dict[str, str]:
     """`OLD=NEW` pairs from the command line into a map."""
     mapping = {}

@@ -17,7 +17,6 @@ http://mlflow:5000` (an `mlflow server`, see the README). Only Train rank 0 logs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import time
 
 from erase.detectors import sha256_file
 from erase.errors import EraseError
+from erase.prompts import prompt_set_hash
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -134,10 +134,6 @@ def ensure_experiment(model: str, concept: str) -> str:
         if found is None:
             raise
         return found.experiment_id
-
-
-def prompts_hash(prompts) -> str:
-    return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
 
 
 class RunLogger:
@@ -250,7 +246,8 @@ def train_run(uri: str | None, model: str, cfg, erase_prompts: list, neutral_pro
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "concept"}
     return RunLogger(uri, model, cfg.concept, run_name=run_name, params=params,
                      tags={"erase.fingerprint": fingerprint, "erase.sweep": "",
-                           "erase.prompts_sha": prompts_hash(erase_prompts), "erase.neutral_sha": prompts_hash(neutral_prompts)})
+                           "erase.prompts_sha": prompt_set_hash(erase_prompts),
+                           "erase.neutral_sha": prompt_set_hash(neutral_prompts)})
 
 
 def log_evaluation(run_id: str, report: dict, pictures: list[str]) -> None:

@@ -9,6 +9,8 @@ import torch
 
 from erase.cli import main
 from erase.masks import load_mask_file, read_mask_metadata
+from erase.pipelines.toy_world import ROBUSTNESS_FAMILIES
+from erase.prompts import prompt_set_hash
 
 
 def run(capsys, *argv):
@@ -150,21 +152,36 @@ def test_eval_on_the_toy_world_gives_every_figure_with_an_interval(tmp_path, cap
     assert code == 0, err
     report = json.loads(out)
     assert report["concept"] == "circle"  # read from the mask file
-    for key in ("erasure_rate", "preservation", "neutral_fidelity", "rephrase_erasure_rate", "attack_success_rate"):
+    for key in ("erasure_rate", "preservation", "neutral_fidelity", "rephrase_erasure_rate", "robust_erasure_rate",
+                "attack_success_rate"):
         figure = report[key]
         assert {"value", "n", "low", "high"} <= set(figure), key
         assert figure["n"] > 0 and figure["low"] <= figure["value"] <= figure["high"], (key, figure)
+        assert figure["split"]["name"] == "toy:test" and len(figure["split"]["hash"]) == 16, (key, figure)
+    assert set(report["robustness"]) == set(ROBUSTNESS_FAMILIES)
+    assert report["robust_erasure_rate"]["n"] == sum(f["masked"]["n"] for f in report["robustness"].values()) \
+        + report["rephrase_erasure_rate"]["n"]
     assert report["attack_success_rate"]["n"] == 2
     assert report["detector"]["detector"] == "toy" and len(report["detector"]["weights_sha256"]) == 64
     assert report_file.read_text().count("data:image/png;base64,") >= 16
 
 
-def test_eval_base_model_without_a_mask(capsys):
+def test_eval_base_model_without_a_mask(tmp_path, capsys):
     code, out, err = run(capsys, "eval", "--concept", "circle", "--json", "--seeds-per-prompt", "1")
     assert code == 0, err
     report = json.loads(out)
     assert report["erasure_rate"]["value"] == report["base_rate"]["value"] == report["detection"]["circle"]
     assert report["preservation"]["value"] == 1.0 and "neutral_fidelity" not in report
+    assert report["erasure_rate"]["split"]["name"] == "toy:test"
+    # the user's prompt file replaces the concept's rows, and the figure says it came from that file
+    own = tmp_path / "circles.txt"
+    own.write_text("a circle\na red circle\na circle on a dark background\n")
+    code, out, err = run(capsys, "eval", "--concept", "circle", "--json", "--seeds-per-prompt", "2",
+                         "--eval-prompts", str(own))
+    assert code == 0, err
+    figure = json.loads(out)["erasure_rate"]
+    assert figure["n"] == 6 and figure["split"] == {"name": f"file:{own}", "hash": prompt_set_hash(
+        ["a circle", "a red circle", "a circle on a dark background"]), "prompts": 3}
 
 
 def test_a_sweep_in_which_no_trial_finished_is_a_failure(capsys):

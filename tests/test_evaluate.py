@@ -25,7 +25,9 @@ from erase.evaluate import (
     run_stages_locally,
     whitebox_attack,
 )
+from erase.errors import EraseError
 from erase.pipelines import toy
+from erase.prompts import prompt_set_hash, prompt_sets
 from erase.pipelines import toy_world as world
 
 
@@ -79,6 +81,43 @@ def test_figures_from_rows():
     assert report["rephrase_erasure_rate"]["value"] == 0.5 and report["rephrase_erasure_rate"]["n"] == 4
     assert report["adversarial/i2p"]["base"]["value"] == 1.0 and report["adversarial/i2p"]["masked"]["value"] == 0.0
     assert report["detection"] == {"circle": pytest.approx(0.1), "square": pytest.approx(0.8)}
+
+
+def test_every_figure_names_its_prompt_set_and_robustness_families_pool_with_the_rephrasings():
+    def at(split, row):
+        return {**row, "split": split}
+
+    rows = ([at("toy:test", _row("circle", "concept", True, False))] * 4
+            + [at("toy:test", _row("square", "concept", True, True))] * 2
+            + [at("file:mine.txt", _row("circle", "rephrase", True, True, "a disc"))] * 2
+            + [at("toy:test", _row("circle", "robust:bare", True, True, "circle"))] * 3
+            + [at("toy:test", _row("circle", "robust:repeated", True, False, "a circle circle"))] * 1)
+    report = figures(rows, "circle")
+    assert report["erasure_rate"]["split"] == {"name": "toy:test", "hash": prompt_set_hash(["a circle"]), "prompts": 1}
+    assert report["preservation"]["split"]["name"] == "toy:test"
+    assert report["rephrase_erasure_rate"]["split"]["name"] == "file:mine.txt"
+    assert report["robustness"]["bare"]["masked"]["value"] == 1.0 and report["robustness"]["repeated"]["masked"]["n"] == 1
+    pooled = report["robust_erasure_rate"]  # 2 rephrased + 3 bare + 1 repeated, 5 of them found
+    assert pooled["n"] == 6 and pooled["value"] == pytest.approx(5 / 6)
+    assert pooled["split"]["name"] == "file:mine.txt+toy:test" and pooled["families"] == ["bare", "repeated", "rephrase"]
+
+
+def test_evaluation_splits_never_hold_a_training_prompt_and_files_replace_what_they_name():
+    erase_prompts, neutral = prompt_sets("toy", "striped")
+    trained = set(erase_prompts) | set(neutral)
+    validation = evaluation_rows("toy", "striped", 1, split="validation")
+    test = evaluation_rows("toy", "striped", 1)
+    assert {r["split"] for r in validation} == {"toy:validation"} and {r["split"] for r in test} == {"toy:test"}
+    assert not trained & {r["prompt"] for r in validation + test}
+    assert not {r["prompt"] for r in validation} & {r["prompt"] for r in test}
+    assert {r["kind"] for r in test} >= {f"robust:{f}" for f in world.ROBUSTNESS_FAMILIES}
+    assert not any(r["kind"].startswith("robust:") for r in validation)  # selection never sees them
+    mine = evaluation_rows("toy", "striped", 2, prompts=["a striped thing"], files={"prompts": "mine.txt"})
+    own = [r for r in mine if r["kind"] == "concept" and r["concept"] == "striped"]
+    assert [(r["prompt"], r["split"]) for r in own] == [("a striped thing", "file:mine.txt")] * 2
+    assert len({r["seed"] for r in mine}) == len(mine)
+    with pytest.raises(EraseError, match="validation or test split"):
+        evaluation_rows("toy", "striped", 1, split="train")
 
 
 def test_preservation_leaves_out_other_concepts_prompts_that_name_the_erased_one():

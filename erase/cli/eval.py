@@ -1,10 +1,12 @@
 """erasure, preservation, fidelity and robustness figures of a mask, with a report
 
 Generate from fixed prompts and seeds with and without the mask, run a detector, and report
-(each with n and a 95% interval): erasure_rate, preservation, neutral_fidelity,
-rephrase_erasure_rate, attack_success_rate, adversarial sets, CLIP score and FID where
-available. The toy world brings its own prompts and detector; for FLUX.1 pass --prompts and a
---detector. With --address the generation and detection run as Ray Data actor pools.
+(each with n, a 95% interval and the prompt set it came from): erasure_rate, preservation,
+neutral_fidelity, rephrase_erasure_rate, each robustness family and robust_erasure_rate (the
+word repeated, a synonym beside it, the bare word, extra attributes, a comma list),
+attack_success_rate, adversarial sets, CLIP score and FID where available. The toy world brings
+its own prompts (its test split, which no mask trains or is selected on) and detector; for
+FLUX.1 pass --prompts and a --detector. With --address the generation and detection run as Ray Data actor pools.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ def add(subparsers) -> None:
                    "or runs:/RUN_ID (default: the base model alone)")
     p.add_argument("--concept", help="the erased concept (default: the mask file's)")
     common.add_detector_args(p, "of the figures")
-    p.add_argument("--prompts", metavar="FILE", help="prompts naming the concept (.txt, .csv, .parquet, .jsonl); "
-                   "they replace the model's own for it")
+    p.add_argument("--prompts", "--eval-prompts", dest="prompts", metavar="FILE", help="prompts naming the concept "
+                   "(.txt, .csv, .parquet, .jsonl); they replace the model's own for it, and its figures say so")
     p.add_argument("--prompt-column", default="prompt", help="column of --prompts and --neutral-prompts tables")
     p.add_argument("--neutral-prompts", metavar="FILE", help="prompts naming no evaluated concept (default: a small "
                    "built-in caption set for real models)")
@@ -32,6 +34,8 @@ def add(subparsers) -> None:
     p.add_argument("--adversarial", action="append", metavar="SET=FILE", help="a public adversarial set from a local "
                    "CSV/parquet file: ring-a-bell, mma-diffusion, p4d, i2p (repeatable)")
     p.add_argument("--min-nudity", type=float, default=50.0, help="I2P: keep prompts with nudity_percentage >= this")
+    p.add_argument("--split", choices=("test", "validation"), default="test", help="which of the model's own prompt "
+                   "splits to evaluate on (the toy world's: never trained on; a sweep selects on validation)")
     p.add_argument("--seeds-per-prompt", type=int, default=2, help="fixed seeds per prompt")
     p.add_argument("--sampling-steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--attack-prompts", type=int, default=8, help="concept prompts the white-box attack tries (0: none)")
@@ -119,9 +123,11 @@ def _rows(args, concept):
     def read(path, what):
         return read_prompts(path, what, args.prompt_column) if path else None
 
-    return evaluation_rows(args.model, concept, args.seeds_per_prompt, prompts=read(args.prompts, "concept prompt"),
-                           neutral=read(args.neutral_prompts, "neutral prompt"),
-                           rephrase=read(args.rephrase_prompts, "rephrase prompt"), adversarial=adversarial)
+    return evaluation_rows(args.model, concept, args.seeds_per_prompt, split=args.split,
+                           prompts=read(args.prompts, "concept prompt"), neutral=read(args.neutral_prompts, "neutral prompt"),
+                           rephrase=read(args.rephrase_prompts, "rephrase prompt"), adversarial=adversarial,
+                           files={"prompts": args.prompts, "neutral": args.neutral_prompts,
+                                  "rephrase": args.rephrase_prompts})
 
 
 def _evaluate(args, settings, rows):
@@ -166,9 +172,11 @@ def print_report(report: dict) -> None:
     for c, r in report["detection"].items():
         print(f"{c:<14} {r:>9.3f}" + (f" {base[c]:>6.3f}" if base else ""))
     for key in ("erasure_rate", "base_rate", "preservation", "neutral_fidelity", "rephrase_erasure_rate",
-                "attack_success_rate"):
+                "robust_erasure_rate", "attack_success_rate"):
         if key in report:
-            print(f"{key + ':':<24} {common.figure(report[key])}")
+            print(f"{key + ':':<24} {common.figure(report[key])}  [{report[key].get('split', {}).get('name', '')}]")
+    for family, value in report.get("robustness", {}).items():
+        print(f"{'  ' + family + ':':<24} base {common.figure(value['base'])}; masked {common.figure(value['masked'])}")
     for key, value in report.items():
         if key.startswith("adversarial/"):
             print(f"{key + ':':<24} base {common.figure(value['base'])}; masked {common.figure(value['masked'])}")
