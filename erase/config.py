@@ -116,6 +116,9 @@ class TrainConfig:
     block_checkpointing: bool = setting(False, "also checkpoint every transformer block within a step (diffusers' "
                                         "gradient checkpointing): one block's activations alive at a time, for one "
                                         "more forward of each block", default_text="off")
+    threads: int | None = setting(None, "CPU threads of torch's intra-op pool for this run: float sums come out "
+                                  "differently with another count, so a mask repeats bit for bit at the same one",
+                                  default_text="torch's default (the cores); a sweep worker: its --cpus-per-worker")
     threshold: float = setting(0.0, "binarisation threshold: an entry is kept when its logit is above it")
     seed: int = setting(0, "seed of the starting noises, the batch order and the mask noise")
     log_every: int = 10  # steps between log rows (and a trial's reports); set by the caller, not a setting
@@ -126,6 +129,7 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
+            (self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"gradient accumulation must be at least 1, got {self.grad_accum}"),
             (self.micro_batch is None or self.micro_batch >= 1, f"micro-batch must be at least 1, got {self.micro_batch}"),

@@ -7,8 +7,9 @@
   architecture fingerprint, mask sha256) as version tags.
 - Aliases mark what serves: `models:/erase-toy-circle@production`.
 - Promotion gates (defaults in `GATES`, or a YAML file): the erasure rate must be at most
-  `max_erasure_rate` and preservation at least `min_preservation`; below them promotion is
-  refused unless forced. A promotion that fails midway deletes the version it created.
+  `max_erasure_rate` and preservation at least `min_preservation`, on the run's held-out test
+  figures (`test_erasure_rate`, `test_preservation`: the test split, which no trial selects on)
+  where it has them; below them promotion is refused unless forced. A promotion that fails midway deletes the version it created.
 - Every mask fetched from the registry is checked: its sha256 against the one recorded when it
   was logged, and (on loading) its architecture fingerprint against the model.
 """
@@ -87,14 +88,22 @@ def best_run(model: str, concept: str, sweep: str | None = None, metric: str = D
     return runs[0]
 
 
+def gated_figures(metrics: dict) -> tuple[str, dict]:
+    """(prefix, {erasure_rate, preservation}) the gates judge: a trial's held-out test figures
+    (`test_` metrics, never selected on) where it has them, else the figures it reported."""
+    prefix = "test_" if "test_erasure_rate" in metrics else ""
+    return prefix, {k: metrics.get(prefix + k) for k in ("erasure_rate", "preservation")}
+
+
 def check_gates(metrics: dict, gates: dict) -> list[str]:
-    """The gates this run fails, in words (empty: it passes)."""
+    """The gates this run fails, in words (empty: it passes): on its test figures where it has them."""
     failed = []
-    erasure, preservation = metrics.get("erasure_rate"), metrics.get("preservation")
+    prefix, figures = gated_figures(metrics)
+    erasure, preservation = figures["erasure_rate"], figures["preservation"]
     if erasure is None or erasure > gates["max_erasure_rate"]:
-        failed.append(f"erasure_rate {erasure} > max_erasure_rate {gates['max_erasure_rate']}")
+        failed.append(f"{prefix}erasure_rate {erasure} > max_erasure_rate {gates['max_erasure_rate']}")
     if preservation is None or preservation < gates["min_preservation"]:
-        failed.append(f"preservation {preservation} < min_preservation {gates['min_preservation']}")
+        failed.append(f"{prefix}preservation {preservation} < min_preservation {gates['min_preservation']}")
     return failed
 
 
@@ -126,9 +135,11 @@ def promote(model: str, concept: str, *, sweep: str | None = None, metric: str =
     lineage = {"erase.run_id": run.info.run_id, "erase.sweep": tags.get("erase.sweep", ""),
                "erase.model": model, "erase.concept": concept, "erase.fingerprint": tags.get("erase.fingerprint", ""),
                "erase.mask_sha256": tags["erase.mask_sha256"], "erase.trial": tags.get("erase.trial", ""),
-               "erase.gates": json.dumps(gates), "erase.forced": str(bool(failed))}
+               "erase.gates": json.dumps(gates), "erase.forced": str(bool(failed)),
+               "erase.gated_on": "test split" if gated_figures(metrics)[0] else "the figures the run reported"}
     figures = {f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()
-               if k in ("erasure_rate", "preservation", "sparsity", "score", "base_rate", "neutral_fidelity")}
+               if k.removeprefix("test_") in ("erasure_rate", "preservation", "sparsity", "score", "base_rate",
+                                              "neutral_fidelity", "robust_erasure_rate")}
     version = client.create_model_version(name, source=f"runs:/{run.info.run_id}/{MASK_DIR}", run_id=run.info.run_id,
                                           tags={**lineage, **figures}, await_creation_for=0,
                                           description=f"best of {tags.get('erase.sweep') or 'all runs'} by {metric}")

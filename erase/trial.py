@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import torch
@@ -59,6 +59,7 @@ class Report:
     masks: Masks
     resume_point: dict | None  # train()'s TrainState.resume_point() at this step
     mask_file_meta: dict  # what save_mask_file needs besides the masks: model, sites, concept, threshold
+    reproduce: dict  # what the mask file records to make it again (reproduction_record)
     final: bool = False
     status: str = "finished"  # "finished", or "stopped: ..." when the loss turned non-finite
     figures: dict | None = None  # the evaluator's report
@@ -66,7 +67,7 @@ class Report:
     result: TrainResult | None = None  # the run's result (final report only)
 
     def save_mask(self, path: str, extra: dict) -> dict:
-        return save_mask_file(path, self.masks, **self.mask_file_meta, extra=extra)
+        return save_mask_file(path, self.masks, **self.mask_file_meta, extra={**extra, "reproduce": self.reproduce})
 
     def write_checkpoint(self, folder: str, *, metrics: dict, run_id: str | None, extra: dict) -> None:
         """The resume point of the trial into `folder`: its mask file, optimizer state and history, and its run."""
@@ -91,16 +92,21 @@ class Reporter(Protocol):
 
 
 def run_trial(gen, cfg: TrainConfig, erase_prompts: list, neutral_prompts: list, reporter: Reporter, *,
-              evaluator=None, resume: dict | None = None, progress: bool = False) -> TrainResult:
+              evaluator=None, tester=None, resume: dict | None = None, progress: bool = False) -> TrainResult:
     """Train with a report every `cfg.log_every` steps and a final one; returns the recipe's result.
 
     `evaluator`: an erase.evaluate.Evaluator whose rows every report is measured on (a sweep's
-    selection rows), or None to report the training rows alone. `resume`: a resume point from a
+    selection rows), or None to report the training rows alone. `tester`: one more Evaluator,
+    on held-out test rows, measured on the final report only: its figures are the metrics
+    `test_<figure>` that the promotion gates judge, and no selection sees them. `resume`: a resume point from a
     checkpoint (`read_checkpoint`). A non-finite loss ends the trial with its last good masks
     (the final report says so in its status); any other error reaches the reporter and is raised.
     """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     mask_file_meta = dict(model_id=gen.model_id, model_sites=gen.mask_sites(), concept=cfg.concept,
                           threshold=cfg.threshold)
+    reproduce = reproduction_record(cfg, erase_prompts, neutral_prompts)
     latest = {"point": resume}
 
     def make_report(row: dict, masks: Masks, final: bool = False, result: TrainResult | None = None) -> Report:
@@ -109,8 +115,12 @@ def run_trial(gen, cfg: TrainConfig, erase_prompts: list, neutral_prompts: list,
         if evaluator is not None:
             figures, results = evaluator((masks.sites, masks.binary(threshold=cfg.threshold)))
             metrics.update(trial_figures(figures))
+        if final and tester is not None:
+            test, _ = tester((masks.sites, masks.binary(threshold=cfg.threshold)))
+            metrics.update({f"test_{k}": v for k, v in trial_figures(test).items()})
+            figures = {**(figures or {}), "test": test}
         metrics["step"] = int(row["step"])
-        return Report(int(row["step"]), row, metrics, masks, latest["point"], mask_file_meta, final=final,
+        return Report(int(row["step"]), row, metrics, masks, latest["point"], mask_file_meta, reproduce, final=final,
                       status=result.status if result else "finished", figures=figures,
                       results=results if final else None, result=result)
 
@@ -131,6 +141,17 @@ def run_trial(gen, cfg: TrainConfig, erase_prompts: list, neutral_prompts: list,
         reporter.fail(err)
         raise
     return result
+
+
+def reproduction_record(cfg: TrainConfig, erase_prompts: list, neutral_prompts: list) -> dict:
+    """Everything a mask file records to be made again bit for bit: the whole configuration (its seed
+    included), the prompt sets' hashes, the thread count and the versions of the project and torch."""
+    from erase import __version__
+    from erase.prompts import prompt_set_hash
+
+    return {"config": json.loads(json.dumps(asdict(cfg), default=str)), "seed": cfg.seed,
+            "prompts_sha": {"erase": prompt_set_hash(erase_prompts), "neutral": prompt_set_hash(neutral_prompts)},
+            "threads": torch.get_num_threads(), "erase_version": __version__, "torch": torch.__version__}
 
 
 def planned_memory(cfg: TrainConfig, model: str, device) -> TrainConfig:
@@ -158,7 +179,7 @@ def planned_memory(cfg: TrainConfig, model: str, device) -> TrainConfig:
 def trial_figures(figures: dict) -> dict:
     """The numbers a trial reports from an evaluation: erasure, its base rate, preservation, fidelity, score."""
     value = {key: figures[key]["value"] for key in ("erasure_rate", "base_rate", "preservation", "neutral_fidelity",
-                                                    "rephrase_erasure_rate") if key in figures}
+                                                    "rephrase_erasure_rate", "robust_erasure_rate") if key in figures}
     value["score"] = score(value["erasure_rate"], value["base_rate"] or 0.0, value["preservation"] or 0.0)
     return {k: v for k, v in value.items() if v is not None}
 

@@ -19,7 +19,7 @@ from erase.tracking import MASK_DIR, RunLogger, connect, ensure_experiment
 MODEL = "flux-tiny"
 
 
-def _log_run(uri, concept, tmp_path, *, erasure_rate, preservation, seed=0, sweep="sweep-a"):
+def _log_run(uri, concept, tmp_path, *, erasure_rate, preservation, seed=0, sweep="sweep-a", test=None):
     """A finished run as a trial leaves it: metrics, tags and the mask artifact."""
     sites = mask_sites(MODEL)
     g = torch.Generator().manual_seed(seed)
@@ -34,7 +34,8 @@ def _log_run(uri, concept, tmp_path, *, erasure_rate, preservation, seed=0, swee
     for step in (10, 20):
         logger.metrics({"loss": 1.0 / step}, step=step)
     score = (1 - erasure_rate) * preservation
-    logger.metrics({"erasure_rate": erasure_rate, "preservation": preservation, "score": score, "base_rate": 1.0}, step=20)
+    logger.metrics({"erasure_rate": erasure_rate, "preservation": preservation, "score": score, "base_rate": 1.0,
+                    **{f"test_{k}": v for k, v in (test or {}).items()}}, step=20)
     logger.finish(path, {"erasure_rate": erasure_rate})
     return logger.run_id, path
 
@@ -103,6 +104,24 @@ def test_gates_refuse_and_leave_no_version(mlflow_server, tmp_path, capsys):
     done = json.loads(out)
     assert done["forced_past"] and MlflowClient(uri).get_model_version("erase-flux-tiny-dog", done["version"]).tags[
         "erase.forced"] == "True"
+
+
+def test_gates_judge_the_held_out_test_figures_not_the_ones_the_sweep_selected_on(mlflow_server, tmp_path, capsys):
+    uri = mlflow_server["uri"]
+    # selected on validation at 0.0, but on the test split it lets the concept through in 30%
+    _log_run(uri, "hare", tmp_path, erasure_rate=0.0, preservation=1.0, seed=14,
+             test={"erasure_rate": 0.3, "preservation": 0.97})
+    code, _, err = run_cli(capsys, "promote", "--concept", "hare", "--model", MODEL, "--tracking-uri", uri)
+    assert code == 2 and "test_erasure_rate 0.3 > max_erasure_rate 0.05" in err
+    _log_run(uri, "hare", tmp_path, erasure_rate=0.2, preservation=0.95, seed=15,
+             test={"erasure_rate": 0.01, "preservation": 0.96, "score": 0.95})
+    code, out, err = run_cli(capsys, "promote", "--concept", "hare", "--model", MODEL, "--tracking-uri", uri,
+                             "--metric", "test_score", "--json")
+    assert code == 0, err
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(uri).get_model_version("erase-flux-tiny-hare", json.loads(out)["version"]).tags
+    assert tags["erase.gated_on"] == "test split" and tags["metric.test_erasure_rate"] == "0.01"
 
 
 def test_a_failed_alias_move_deletes_the_new_version(mlflow_server, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from erase.errors import EraseError
 from erase.prompts import PromptError
@@ -351,3 +352,44 @@ def test_resume_clears_the_markers_of_trials_train_gave_up_on_at_a_uri_storage(t
     clear_gave_up_markers(spec)
     left = sorted(p.name for p in (tmp_path / "results").rglob("*") if p.is_file())
     assert left == ["checkpoint.txt"]
+
+
+@pytest.mark.slow
+def test_a_trial_gives_the_mask_erase_train_gives_bit_for_bit_in_any_sweep_and_beside_another_trial(tmp_path, capsys):
+    # One configuration: a sweep of two trials at once (beside each other on the two cores), a second
+    # sweep of one, and `erase train` with the same settings at the trial's one thread.
+    from safetensors.torch import load_file
+
+    from erase.cli import main
+    from erase.masks import read_mask_metadata
+
+    settings = {"steps": 6, "batch_size": 2, "sites": "ffn,norm", "lr_ffn": 0.3, "lr_norm": 0.3}
+    space = tmp_path / "space.yaml"
+    space.write_text("description: one configuration\nfixed:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items())
+                     + "search:\n  beta: {distribution: categorical, choices: [1.5]}\n")
+    masks = []
+    for name, trials in (("first", 2), ("second", 1)):
+        specs = plan("toy", ["striped"], str(space), trials, str(tmp_path / name), report_every=3, grace_steps=6,
+                     tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+        (summary,) = run_sweep(specs, poll=0.5)
+        assert [t["status"] for t in summary["trials"]] == ["finished"] * trials, summary
+        masks += [os.path.join(t["checkpoint_path"], "mask.safetensors") for t in summary["trials"]]
+    config = tmp_path / "config.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in {**settings, "beta": 1.5}.items()))
+    threads = torch.get_num_threads()
+    try:
+        code = main(["train", "--concept", "striped", "--config", str(config), "--threads", "1", "--quiet",
+                     "--out", str(tmp_path / "train.safetensors")])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, capsys.readouterr().err
+    trained = load_file(str(tmp_path / "train.safetensors"))
+    for path in masks:
+        tensors = load_file(path)
+        assert tensors.keys() == trained.keys() and all(torch.equal(tensors[k], trained[k]) for k in trained), path
+    # the mask file says how to make it again
+    record = json.loads(read_mask_metadata(masks[0])["extra"])["reproduce"]
+    again = json.loads(read_mask_metadata(str(tmp_path / "train.safetensors"))["extra"])["reproduce"]
+    assert record["threads"] == again["threads"] == 1 and record["seed"] == again["seed"] == 0
+    assert record["prompts_sha"] == again["prompts_sha"] and record["erase_version"] and record["torch"]
+    assert {k: record["config"][k] for k in settings} == {**settings, "sites": ["ffn", "norm"]}

@@ -48,7 +48,9 @@ def add(subparsers) -> None:
     p.add_argument("--grace-steps", type=int, default=50, help="ASHA: steps every trial runs before it can be stopped")
     p.add_argument("--prompts", metavar="FILE", help="concept prompts (.parquet, .csv, .jsonl, .txt; local or s3://)")
     p.add_argument("--neutral-prompts", metavar="FILE", help="neutral prompts, same formats")
-    p.add_argument("--eval-prompts", metavar="FILE", help="evaluation prompts naming the concept (default: --prompts)")
+    p.add_argument("--eval-prompts", metavar="FILE", help="prompts naming the concept that trials are "
+                   "evaluated, stopped and selected on; never the training prompts (default: the model's validation "
+                   "split, or for a model without splits its own set)")
     p.add_argument("--prompt-column", default="prompt", help="column holding the prompts in table files")
     common.add_detector_args(p, "for the trials' figures")
     common.add_run_args(p, device=False)  # a trial's device is its worker's: a GPU where the cluster has them
@@ -96,6 +98,7 @@ def run(args) -> int:
 def print_summary(summary: dict) -> None:
     """A study's trials, best first, and its best finished trial."""
     print(f"\n{summary['concept']}: objective {summary['objective']}")
+    print("  (score, erasure and preservation on the validation split, what the sweep selects on)")
     print(f"  {'trial':<28} {'status':<9} {'score':>6} {'erasure':>8} {'preserv.':>8} {'step':>5}")
     for t in sorted(summary["trials"], key=lambda t: -(t["score"] or -1)):
         score, erasure, kept = (common.number(t[k]) for k in ("score", "erasure_rate", "preservation"))
@@ -104,6 +107,10 @@ def print_summary(summary: dict) -> None:
     if best:
         print(f"  best finished trial: {best['trial']}, score {best['score']:.3f}, erasure_rate "
               f"{best['erasure_rate']:.3f}, preservation {best['preservation']:.3f}")
+        if best.get("test_score") is not None:
+            print(f"  on the test split (held out, not selected on): score {best['test_score']:.3f}, erasure_rate "
+                  f"{best['test_erasure_rate']:.3f}, preservation {best['test_preservation']:.3f}, robust_erasure_rate "
+                  f"{common.number(best.get('test_robust_erasure_rate'))}")
         print("  hyperparameters: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in best["config"].items()))
         print(f"  mask: {best.get('mask_file')}   MLflow run: {best.get('mlflow_run_id')}")

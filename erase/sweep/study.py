@@ -123,29 +123,38 @@ def tpe_sampler(spec: StudySpec):
 
 
 def prompt_datasets(spec: StudySpec, fixed: dict):
-    """The erase, neutral and evaluation rows as materialised Ray Datasets, and the prompt sets' hashes.
+    """The erase, neutral, evaluation and test rows as materialised Ray Datasets, and the prompt sets' hashes.
 
     Made here once for all trials, from the same prompt_rows `erase train` uses (the seed and the
-    starting noises cannot be searched, so every trial shares them). Materialised on this side:
-    Ray Data tasks need free CPUs, which running trials hold."""
+    starting noises cannot be searched, so every trial shares them). The evaluation rows, which
+    trials report, ASHA stops and the sweep selects on, are the model's validation split (or
+    --eval-prompts); the test rows, measured once at the end of a trial for the promotion gates,
+    are its test split. A model without splits has no test rows. Materialised on this side: Ray
+    Data tasks need free CPUs, which running trials hold."""
     import ray.data
 
     from erase.evaluate import evaluation_rows
-    from erase.prompts import prompt_sets, read_prompts
-    from erase.tracking import prompts_hash
+    from erase.pipelines import model as model_entry
+    from erase.prompts import prompt_set_hash, prompt_sets, read_prompts
     from erase.train import first_seeds, prompt_rows
 
     cfg = run_config.resolve(spec.model, spec.concept, fixed=fixed, fixed_from=f"space {spec.space}")
     erase_prompts, neutral_prompts = prompt_sets(spec.model, spec.concept, prompts=spec.prompts,
                                                  neutral=spec.neutral_prompts, column=spec.prompt_column)
     erase_first, neutral_first = first_seeds(cfg)
-    source = spec.eval_prompts or spec.prompts
-    eval_prompts = read_prompts(source, "evaluation prompt", spec.prompt_column) if source else None
+    eval_prompts = read_prompts(spec.eval_prompts, "evaluation prompt", spec.prompt_column) if spec.eval_prompts else None
     rows = {"erase": prompt_rows(erase_prompts, erase_first, cfg.noises_per_prompt, cfg.shared_noise),
             "neutral": prompt_rows(neutral_prompts, neutral_first, cfg.noises_per_prompt, cfg.shared_noise),
-            "eval": evaluation_rows(spec.model, spec.concept, seeds_per_prompt=1, prompts=eval_prompts)}
-    hashes = {name: prompts_hash(sorted(r["prompt"] for r in part)) for name, part in rows.items()}
+            "eval": evaluation_rows(spec.model, spec.concept, seeds_per_prompt=2, split="validation",
+                                    prompts=eval_prompts, files={"prompts": spec.eval_prompts})}
+    if model_entry(spec.model).splits:
+        rows["test"] = evaluation_rows(spec.model, spec.concept, seeds_per_prompt=2, split="test")
+    hashes = {name: prompt_set_hash(part) for name, part in rows.items()}
     return {name: ray.data.from_items(part).materialize() for name, part in rows.items()}, hashes
+
+
+# a finished trial's figures on the test split, measured once at its end (erase.trial.run_trial's tester)
+TEST_FIGURES = ("test_score", "test_erasure_rate", "test_preservation", "test_robust_erasure_rate")
 
 
 def summary(spec: StudySpec, results) -> dict:
@@ -156,7 +165,7 @@ def summary(spec: StudySpec, results) -> dict:
         trials.append({"trial": r.path.rstrip("/").rsplit("/", 1)[-1], "config": r.config,
                        "status": "error" if r.error else ("finished" if m.get("final") else "stopped"),
                        **{k: m.get(k) for k in ("score", "erasure_rate", "preservation", "base_rate", "sparsity",
-                                                "step", "compute_seconds", "checkpoint_path")},
+                                                "step", "compute_seconds", "checkpoint_path", *TEST_FIGURES)},
                        "ended_at": m.get("timestamp")})
     out = {"concept": spec.concept, "sweep_id": spec.sweep_id, "space": spec.space, "trials": trials,
            "objective": SCORE_FORMULA, "study_dir": spec.study_dir, "results_dir": spec.results_dir,

@@ -46,7 +46,10 @@ def trial(sampled: dict, *, study: dict, datasets: dict) -> None:
 
     spec = StudySpec(**study)
     cfg = run_config.resolve(spec.model, spec.concept, fixed=spec.fixed, fixed_from=f"space {spec.space}",
-                             sampled=sampled, flags={"log_every": spec.report_every})
+                             sampled=sampled,
+                             # a worker computes with as many threads as it has CPUs: `erase train --threads N`
+                             # repeats its mask bit for bit
+                             flags={"log_every": spec.report_every, "threads": max(1, int(spec.cpus_per_worker))})
     context = tune.get_context()
     plan = TrialPlan(spec, cfg, sampled, context.get_trial_id(), context.get_trial_name())
     resources = {"CPU": spec.cpus_per_worker}
@@ -94,7 +97,6 @@ class TrainGaveUp(RuntimeError):
 def worker_loop(loop_config: dict) -> None:
     """One trial's erasure on one Train worker (erase.trial.run_trial), resumed from a checkpoint if any."""
     import ray.train
-    import torch
 
     from erase.data import read_shard
     from erase.evaluate import Evaluator
@@ -104,7 +106,6 @@ def worker_loop(loop_config: dict) -> None:
     started = time.time()  # the trial's own compute: model load, training, evaluation (not Ray's scheduling)
     plan = TrialPlan.from_dict(loop_config)
     spec, rank = plan.study, ray.train.get_context().get_world_rank()
-    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
     gen = load_generator(spec.model, spec.model_path, dtype=spec.dtype, device=spec.device,
                          guidance=spec.guidance)
     resume, saved = None, {}
@@ -119,8 +120,12 @@ def worker_loop(loop_config: dict) -> None:
         reporter = getattr(importlib.import_module(module), name)(reporter, plan)
     evaluator = Evaluator(gen, spec.detector, read_shard(ray.train.get_dataset_shard("eval")), concept=spec.concept,
                           steps=plan.config.sampling_steps)
+    test_shard = ray.train.get_dataset_shard("test")  # None for a model without splits
+    tester = None if test_shard is None else Evaluator(gen, spec.detector, read_shard(test_shard), concept=spec.concept,
+                                                       steps=plan.config.sampling_steps)
     run_trial(gen, plan.config, read_shard(ray.train.get_dataset_shard("erase")),
-              read_shard(ray.train.get_dataset_shard("neutral")), reporter, evaluator=evaluator, resume=resume)
+              read_shard(ray.train.get_dataset_shard("neutral")), reporter, evaluator=evaluator, tester=tester,
+              resume=resume)
 
 
 def _run_logger(plan: TrialPlan, gen, run_id: str | None):
