@@ -14,6 +14,7 @@ Ray nor MLflow; orchestration passes `on_log` to see progress.
 from __future__ import annotations
 
 import random
+import sys
 import time
 import zlib
 from contextlib import nullcontext
@@ -291,6 +292,12 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
     erase_rows = _rows(erase_prompts, f"no prompts for the concept {cfg.concept!r}: the erase prompt list is empty",
                        cfg, erase_seed)
     neutral_rows = _rows(neutral_prompts, "no neutral prompts: the preservation prompt list is empty", cfg, neutral_seed)
+    if cfg.target == "adaptive":  # its candidates replace the concept's word, so only prompts with the word serve
+        named = [r for r in erase_rows if cfg.concept in r["prompt"]]
+        if named and len(named) < len(erase_rows):
+            print(f"erase: adaptive target: training on the {len(named)} of {len(erase_rows)} concept rows whose "
+                  f"prompt names {cfg.concept!r} by its word (the candidates replace it)", file=sys.stderr)
+            erase_rows = named
     erase_batches = cycle_batches(erase_rows, cfg.batch_size, cfg.seed)
     neutral_batches = cycle_batches(neutral_rows, cfg.batch_size, cfg.seed + 1)
     target_prompts: dict[str, str] = {}
