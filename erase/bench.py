@@ -349,7 +349,7 @@ PAPER_BETA = 0.01  # the paper's default β, the scale the reference grid was wr
 def grid_betas(model: str) -> list[float]:
     """The reference grid moved to `model`'s β scale: GRID_BETAS x (its recipe β / the paper's).
 
-    The toy world's loss is about 100x FLUX.1's (its recipe β is 1.0, not 0.01), so the FLUX
+    The toy world's loss has another scale than FLUX.1's (its recipe β is 0.25, not 0.01), so the FLUX
     grid taken as it is would test only βs at which the toy loses most of what it should keep."""
     scale = default_value(model, "beta") / PAPER_BETA
     return [float(f"{b * scale:.6g}") for b in GRID_BETAS]

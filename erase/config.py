@@ -3,7 +3,7 @@
 A run is a `TrainConfig`. `resolve` builds it from layers, each overriding the ones before:
 
     1. TrainConfig's own defaults           the paper's, for FLUX.1 (docs/method.md)
-    2. the model's recipe defaults          e.g. the toy world's beta 1 and 4 noises per prompt
+    2. the model's recipe defaults          e.g. the toy world's beta 0.25, 200 steps, 4 noises
     3. a named recipe of the model          `recipe: NAME` in a config file or a space, or --recipe
     4. a config file, or a space's fixed    the same keys either way (`erase train --config FILE`)
     5. the values a sweep samples           one trial's draw from the space's `search:`

@@ -53,7 +53,7 @@ def test_search_comparison_runs_the_grid_and_a_sweep_on_the_same_box(tmp_path):
 
 def test_the_reference_grid_moves_to_the_models_beta_scale():
     assert bench.grid_betas("flux.1-schnell") == list(bench.GRID_BETAS)  # the paper's own scale: unchanged
-    assert bench.grid_betas("toy") == [10.0, 1.0, 0.1, 0.01, 0.001]  # toy recipe β 1.0 = 100x the paper's 0.01
+    assert bench.grid_betas("toy") == [2.5, 0.25, 0.025, 0.0025, 0.00025]  # toy recipe β 0.25 = 25x the paper's 0.01
 
 
 def test_match_beta_raises_beta_until_the_erasure_rate_meets_the_level():

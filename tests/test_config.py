@@ -64,7 +64,8 @@ def test_substitutions_serve_the_substitute_target_only():
     assert blue.target == "substitute"
     assert blue.substitutions == {"blue": "", "azure": "", "navy": "", "sky-coloured": "", "ocean-coloured": ""}
     assert resolve("toy", "blue", flags={"target": "empty"}).substitutions == {}
-    assert resolve("toy", "cross").target == "empty" and resolve("toy", "cross").beta == 1.0
+    cross = resolve("toy", "cross")
+    assert cross.target == "empty" and cross.beta == 0.25 and cross.steps == 200  # the toy recipe's
 
 
 def _train_parser():
@@ -87,7 +88,7 @@ def test_every_setting_has_a_flag_with_help_and_its_real_default():
         value = getattr(defaults, name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             assert shown.startswith(f"{value:g}"), (name, shown)  # the number the run reads
-    assert "(default: 0.01; toy: 1)" in by_dest["beta"].help  # where a model's recipe differs, it says so
+    assert "(default: 0.01; toy: 0.25)" in by_dest["beta"].help and "(default: 400; toy: 200)" in by_dest["steps"].help  # where a model's recipe differs, it says so
     args = parser.parse_args(["--beta", "0.5", "--no-checkpointing", "--substitute", "cat=dog", "--sites", "ffn"])
     assert config.flag_values(args) == {"beta": 0.5, "checkpointing": False, "substitutions": {"cat": "dog"},
                                         "sites": ("ffn",)}
