@@ -118,6 +118,9 @@ def run_trial(gen, cfg: TrainConfig, erase_prompts: list, neutral_prompts: list,
         if final and tester is not None:
             test, _ = tester((masks.sites, masks.binary(threshold=cfg.threshold)))
             metrics.update({f"test_{k}": v for k, v in trial_figures(test).items()})
+            # the held-out erasure with its interval and n, so the sweep's summary can say how sure it is
+            metrics.update(test_erasure_rate_low=test["erasure_rate"]["low"],
+                           test_erasure_rate_high=test["erasure_rate"]["high"], test_erasure_n=test["erasure_rate"]["n"])
             figures = {**(figures or {}), "test": test}
         metrics["step"] = int(row["step"])
         return Report(int(row["step"]), row, metrics, masks, latest["point"], mask_file_meta, reproduce, final=final,

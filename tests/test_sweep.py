@@ -35,6 +35,19 @@ def test_score_is_erasure_times_preservation():
     assert score(0.0, 0.0, 1.0) == 0.0  # the base model never showed it: nothing to erase
 
 
+def test_the_summary_prints_the_held_out_erasure_with_its_interval_and_n(capsys):
+    from erase.cli.sweep import print_summary
+
+    best = {"trial": "t1", "config": {"beta": 0.25}, "status": "finished", "score": 0.95, "erasure_rate": 0.033,
+            "preservation": 0.99, "step": 200, "test_score": 0.97, "test_erasure_rate": 0.031,
+            "test_erasure_rate_low": 0.013, "test_erasure_rate_high": 0.071, "test_erasure_n": 160.0,
+            "test_preservation": 1.0, "test_robust_erasure_rate": 0.26}
+    print_summary({"concept": "striped", "objective": "o", "trials": [best], "best": best, "optuna_study": "s",
+                   "optuna_storage": "sqlite:///x"})
+    line = next(line for line in capsys.readouterr().out.splitlines() if "on the test split" in line)
+    assert "erasure_rate 0.031 [0.013, 0.071] of 160 generations" in line and "robust_erasure_rate 0.26" in line
+
+
 def test_plan_checks_the_request(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(TINY_SPACE)

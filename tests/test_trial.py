@@ -28,9 +28,14 @@ def test_a_trial_reports_every_log_step_once_and_the_end_once(tiny):
     rows = rows_from_sets({"concept": {"circle": ["a circle"], "square": ["a square"]}}, seeds_per_prompt=2)
     evaluator = Evaluator(tiny, {"name": "toy"}, rows, concept="circle")  # flux-tiny draws 16x16, as the toy world
     recorder = Recorder()
-    result = run_trial(tiny, cfg, CAT, NEUTRAL, recorder, evaluator=evaluator)
+    result = run_trial(tiny, cfg, CAT, NEUTRAL, recorder, evaluator=evaluator, tester=evaluator)
     assert [(r.step, r.final) for r in recorder.reports] == [(2, False), (4, False), (6, True)]
     final = recorder.reports[-1]
+    # the tester measures once, at the end, with the held-out erasure's interval and n (2 seeds of "a circle")
+    assert not any(k.startswith("test_") for r in recorder.reports[:-1] for k in r.metrics)
+    test = {k: v for k, v in final.metrics.items() if k.startswith("test_")}
+    assert test["test_erasure_n"] == 2 and test["test_score"] == final.metrics["score"]
+    assert test["test_erasure_rate_low"] <= test["test_erasure_rate"] <= test["test_erasure_rate_high"]
     assert final.status == "finished" and final.result is result and final.results and not recorder.reports[0].results
     for report in recorder.reports:
         assert {"loss", "sparsity", "erasure_rate", "base_rate", "score", "step"} <= set(report.metrics)

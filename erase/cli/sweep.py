@@ -108,9 +108,11 @@ def print_summary(summary: dict) -> None:
         print(f"  best finished trial: {best['trial']}, score {best['score']:.3f}, erasure_rate "
               f"{best['erasure_rate']:.3f}, preservation {best['preservation']:.3f}")
         if best.get("test_score") is not None:
+            interval = (f" [{best['test_erasure_rate_low']:.3f}, {best['test_erasure_rate_high']:.3f}] of "
+                        f"{int(best['test_erasure_n'])} generations" if best.get("test_erasure_n") else "")
             print(f"  on the test split (held out, not selected on): score {best['test_score']:.3f}, erasure_rate "
-                  f"{best['test_erasure_rate']:.3f}, preservation {best['test_preservation']:.3f}, robust_erasure_rate "
-                  f"{common.number(best.get('test_robust_erasure_rate'))}")
+                  f"{best['test_erasure_rate']:.3f}{interval}, preservation {best['test_preservation']:.3f}, "
+                  f"robust_erasure_rate {common.number(best.get('test_robust_erasure_rate'))}")
         print("  hyperparameters: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in best["config"].items()))
         print(f"  mask: {best.get('mask_file')}   MLflow run: {best.get('mlflow_run_id')}")

@@ -154,7 +154,8 @@ def prompt_datasets(spec: StudySpec, fixed: dict):
 
 
 # a finished trial's figures on the test split, measured once at its end (erase.trial.run_trial's tester)
-TEST_FIGURES = ("test_score", "test_erasure_rate", "test_preservation", "test_robust_erasure_rate")
+TEST_FIGURES = ("test_score", "test_erasure_rate", "test_erasure_rate_low", "test_erasure_rate_high", "test_erasure_n",
+                "test_preservation", "test_robust_erasure_rate")
 
 
 def summary(spec: StudySpec, results) -> dict:
