@@ -119,8 +119,10 @@ def run_trial(gen, cfg: TrainConfig, erase_prompts: list, neutral_prompts: list,
             test, _ = tester((masks.sites, masks.binary(threshold=cfg.threshold)))
             metrics.update({f"test_{k}": v for k, v in trial_figures(test).items()})
             # the held-out erasure with its interval and n, so the sweep's summary can say how sure it is
-            metrics.update(test_erasure_rate_low=test["erasure_rate"]["low"],
-                           test_erasure_rate_high=test["erasure_rate"]["high"], test_erasure_n=test["erasure_rate"]["n"])
+            erasure = test.get("erasure_rate") or {}
+            if erasure.get("n"):  # no concept rows: no interval, and metrics must stay numbers
+                metrics.update(test_erasure_rate_low=erasure["low"], test_erasure_rate_high=erasure["high"],
+                               test_erasure_n=erasure["n"])
             figures = {**(figures or {}), "test": test}
         metrics["step"] = int(row["step"])
         return Report(int(row["step"]), row, metrics, masks, latest["point"], mask_file_meta, reproduce, final=final,
