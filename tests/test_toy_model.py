@@ -82,3 +82,33 @@ def test_toy_prompt_reaches_the_transformer_through_its_tokens_only(fresh_toy):
     cond = gen.encode(["a blue circle", "a red square"])
     assert torch.count_nonzero(cond.pooled) == 0
     assert not torch.allclose(cond.prompt_embeds[0], cond.prompt_embeds[1])
+
+
+def test_a_frozen_text_encoder_keeps_its_initialisation_while_the_generator_learns():
+    from erase.pipelines.toy_train import train_generator
+
+    config = dict(toy.TRANSFORMER_CONFIG, num_layers=1, num_single_layers=0)
+    start_transformer, start_text = toy.build_models(0, config)
+    transformer, text = train_generator(0, steps=3, batch=4, progress=False, transformer_config=config,
+                                        text_encoder="frozen")
+    assert all(torch.equal(p, start_text.state_dict()[k]) for k, p in text.state_dict().items())
+    assert not all(torch.equal(p, start_transformer.state_dict()[k]) for k, p in transformer.state_dict().items())
+    _, joint_text = train_generator(0, steps=3, batch=4, progress=False, transformer_config=config, text_encoder="joint")
+    assert not all(torch.equal(p, start_text.state_dict()[k]) for k, p in joint_text.state_dict().items())
+    with pytest.raises(ValueError, match="text_encoder"):
+        train_generator(0, steps=1, batch=2, progress=False, transformer_config=config, text_encoder="thawed")
+
+
+def test_retrained_weights_load_with_the_architecture_they_were_trained_with(tmp_path):
+    from erase.pipelines import toy_train
+
+    toy_train.main(["--out", str(tmp_path), "--detector-from", toy.WEIGHTS_DIR, "--generator-steps", "2", "--batch", "4",
+                    "--dual-blocks", "1", "--single-blocks", "1", "--text-encoder", "frozen", "--guidances", "1.0",
+                    "--threads", "1"])
+    transformer_config, _ = toy.architecture(str(tmp_path))
+    assert (transformer_config["num_layers"], transformer_config["num_single_layers"]) == (1, 1)
+    gen = toy.load(str(tmp_path))
+    assert len(gen.transformer.transformer_blocks) == 1 and len(gen.transformer.single_transformer_blocks) == 1
+    assert "--text-encoder frozen" in toy.json.load(open(tmp_path / "figures.json"))["command"]
+    # a folder without config.json is the module's constants (weights from before the file existed)
+    assert toy.architecture(str(tmp_path / "elsewhere"))[0] == toy.TRANSFORMER_CONFIG

@@ -35,6 +35,7 @@ TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=12, num_layers=3, num_single
                           num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
                           axes_dims_rope=(8, 12, 12))
 TEXT_CONFIG = dict(width=64, layers=2, heads=4, max_len=20)
+TEXT_ENCODER = "joint"  # how the shipped text encoder was trained (toy_train --text-encoder)
 DEFAULT_STEPS = 4
 DEFAULT_GUIDANCE = 1.0  # 1.0 = guidance-free; the shipped figures say which default was chosen
 # The recipe's defaults for this world (`erase train --model toy`), where they differ from the
@@ -126,12 +127,26 @@ def image_ids() -> torch.Tensor:
     return ids.reshape(side * side, 3)
 
 
-def build_models(seed: int = 0):
+def architecture(folder: str | None = None) -> tuple[dict, dict]:
+    """The transformer and text-encoder configs of the weights in `folder` (the shipped ones by
+    default): its config.json, written by toy_train, or the module's constants for a folder
+    without one."""
+    path = os.path.join(folder or WEIGHTS_DIR, "config.json")
+    if not os.path.isfile(path):
+        return dict(TRANSFORMER_CONFIG), dict(TEXT_CONFIG)
+    with open(path) as f:
+        config = json.load(f)
+    transformer = dict(config["transformer"])
+    transformer["axes_dims_rope"] = tuple(transformer["axes_dims_rope"])
+    return transformer, dict(config["text"])
+
+
+def build_models(seed: int = 0, transformer_config: dict | None = None, text_config: dict | None = None):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
-    text = ToyTextEncoder(world.vocabulary(), **TEXT_CONFIG)
+    transformer = FluxTransformer2DModel(**(transformer_config or TRANSFORMER_CONFIG))
+    text = ToyTextEncoder(world.vocabulary(), **(text_config or TEXT_CONFIG))
     return transformer, text
 
 
@@ -228,7 +243,7 @@ def load(model_path: str | None = None, *, guidance: float | None = None, device
     if not os.path.isfile(path):
         raise ModelError(f"no toy generator weights at {path}; retrain them with "
                          f"`python -m erase.pipelines.toy_train --out {folder}`")
-    transformer, text = build_models()
+    transformer, text = build_models(0, *architecture(folder))
     state = load_file(path)
     transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
     text.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
@@ -255,7 +270,7 @@ def meta_transformer() -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+        return FluxTransformer2DModel(**architecture()[0])
 
 
 def check_concept(concept: str) -> None:

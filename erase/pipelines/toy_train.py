@@ -26,6 +26,8 @@ from tqdm import tqdm
 from erase.pipelines import toy
 from erase.pipelines import toy_world as world
 
+TEXT_ENCODER_MODES = ("joint", "frozen")
+
 
 def render_batch(rng, n, exclude_held_out):
     images, prompts, labels = [], [], []
@@ -73,10 +75,18 @@ def train_detector(seed: int, steps: int, batch: int = 128, progress: bool = Tru
     return detector.eval()
 
 
-def train_generator(seed: int, steps: int, batch: int = 64, lr: float = 1e-3, progress: bool = True):
-    transformer, text = toy.build_models(seed)
+def train_generator(seed: int, steps: int, batch: int = 64, lr: float = 1e-3, progress: bool = True,
+                    transformer_config: dict | None = None, text_config: dict | None = None,
+                    text_encoder: str = "joint"):
+    """text_encoder "joint" trains the text encoder with the generator; "frozen" keeps it at its
+    random initialisation, as FLUX.1 keeps T5 (trained on text alone) fixed, so that turning
+    its features into what the image needs is the transformer's own work."""
+    transformer, text = toy.build_models(seed, transformer_config, text_config)
     rng = np.random.default_rng(seed + 1)
-    params = list(transformer.parameters()) + list(text.parameters())
+    if text_encoder not in TEXT_ENCODER_MODES:
+        raise ValueError(f"text_encoder must be one of {TEXT_ENCODER_MODES}, got {text_encoder!r}")
+    text.requires_grad_(text_encoder == "joint")
+    params = [p for p in (*transformer.parameters(), *text.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     warmup = max(1, min(200, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -140,18 +150,31 @@ def main(argv=None) -> None:
     parser.add_argument("--generator-steps", type=int, default=2600)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--guidances", default="1.0,1.5,2.0,3.0", help="guidance scales to check, smallest first")
+    parser.add_argument("--dual-blocks", type=int, default=toy.TRANSFORMER_CONFIG["num_layers"],
+                        help="dual-stream blocks (FLUX.1 has 19)")
+    parser.add_argument("--single-blocks", type=int, default=toy.TRANSFORMER_CONFIG["num_single_layers"],
+                        help="single-stream blocks (FLUX.1 has 38)")
+    parser.add_argument("--text-encoder", choices=TEXT_ENCODER_MODES, default=toy.TEXT_ENCODER,
+                        help="joint: trained with the generator; frozen: kept at its random initialisation")
+    parser.add_argument("--detector-from", default=None,
+                        help="copy the detector of this weights folder instead of training one (for generator variants)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op torch threads (default: every core)")
     args = parser.parse_args(argv)
+    transformer_config = dict(toy.TRANSFORMER_CONFIG, num_layers=args.dual_blocks, num_single_layers=args.single_blocks)
     from safetensors.torch import save_file
 
     os.makedirs(args.out, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     started = time.time()
-    detector = train_detector(args.seed, args.detector_steps)
+    detector = toy.load_detector(args.detector_from) if args.detector_from else train_detector(args.seed, args.detector_steps)
     det_acc = detector_accuracy(detector, args.seed + 100)
     save_file({k: v.contiguous() for k, v in detector.state_dict().items()}, os.path.join(args.out, "detector.safetensors"))
     print("detector accuracy", det_acc, flush=True)
     det_seconds = time.time() - started
-    transformer, text = train_generator(args.seed, args.generator_steps, args.batch)
+    transformer, text = train_generator(args.seed, args.generator_steps, args.batch,
+                                        transformer_config=transformer_config, text_encoder=args.text_encoder)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump({"transformer": transformer_config, "text": toy.TEXT_CONFIG, "text_encoder": args.text_encoder}, f, indent=2)
     state = {f"transformer.{k}": v.contiguous() for k, v in transformer.state_dict().items()}
     state.update({f"text.{k}": v.contiguous() for k, v in text.state_dict().items()})
     save_file(state, os.path.join(args.out, "generator.safetensors"))
@@ -166,7 +189,8 @@ def main(argv=None) -> None:
             default = g
     figures = {
         "seed": args.seed, "command": f"python -m erase.pipelines.toy_train --seed {args.seed} --detector-steps "
-        f"{args.detector_steps} --generator-steps {args.generator_steps} --batch {args.batch}",
+        f"{args.detector_steps} --generator-steps {args.generator_steps} --batch {args.batch} --dual-blocks "
+        f"{args.dual_blocks} --single-blocks {args.single_blocks} --text-encoder {args.text_encoder}",
         "detector_accuracy_fresh_renders": det_acc,
         "held_out_combinations": [list(p) for p in world.HELD_OUT],
         "held_out_quality_by_guidance": quality, "default_steps": toy.DEFAULT_STEPS,
