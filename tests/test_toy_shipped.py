@@ -72,6 +72,9 @@ def test_ablation_removes_whole_site_groups_and_the_detector_sees_it(shipped):
     assert untouched["object"] >= 0.9 and untouched["colour"] >= 0.9, untouched
     # without attention no prompt reaches the image: every attribute falls far below the untouched model
     assert all(no_heads[a] <= untouched[a] - 0.4 for a in ("object", "colour", "style")), (untouched, no_heads)
+    # the style column without the prompts that ask for the default look (solid): a third of the combinations
+    assert untouched["style_not_default"] >= 0.85, untouched
+    assert no_heads["style_not_default"] <= untouched["style_not_default"] - 0.3, (untouched, no_heads)
     # and the hooks are gone afterwards: the same call gives the same figures again
     assert detection_with_removed(gen, detector, ABLATIONS["none"], seeds_per_prompt=1) == untouched
 
