@@ -109,6 +109,16 @@ def test_retrained_weights_load_with_the_architecture_they_were_trained_with(tmp
     assert (transformer_config["num_layers"], transformer_config["num_single_layers"]) == (1, 1)
     gen = toy.load(str(tmp_path))
     assert len(gen.transformer.transformer_blocks) == 1 and len(gen.transformer.single_transformer_blocks) == 1
-    assert "--text-encoder frozen" in toy.json.load(open(tmp_path / "figures.json"))["command"]
+    command = toy.json.load(open(tmp_path / "figures.json"))["command"]
+    assert "--text-encoder frozen" in command and f"--detector-from {toy.WEIGHTS_DIR}" in command
     # a folder without config.json is the module's constants (weights from before the file existed)
     assert toy.architecture(str(tmp_path / "elsewhere"))[0] == toy.TRANSFORMER_CONFIG
+
+
+def test_a_variant_without_dual_blocks_is_refused_before_any_training(tmp_path, capsys):
+    from erase.pipelines import toy_train
+
+    with pytest.raises(SystemExit) as exit_info:
+        toy_train.main(["--out", str(tmp_path / "v"), "--dual-blocks", "0"])
+    assert exit_info.value.code == 2 and "--dual-blocks must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()

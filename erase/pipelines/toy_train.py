@@ -160,6 +160,9 @@ def main(argv=None) -> None:
                         help="copy the detector of this weights folder instead of training one (for generator variants)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op torch threads (default: every core)")
     args = parser.parse_args(argv)
+    if args.dual_blocks < 1 or args.single_blocks < 0:
+        parser.error(f"--dual-blocks must be at least 1 (the mask sites are in them) and --single-blocks at least 0, "
+                     f"got {args.dual_blocks} and {args.single_blocks}")
     transformer_config = dict(toy.TRANSFORMER_CONFIG, num_layers=args.dual_blocks, num_single_layers=args.single_blocks)
     from safetensors.torch import save_file
 
@@ -190,7 +193,8 @@ def main(argv=None) -> None:
     figures = {
         "seed": args.seed, "command": f"python -m erase.pipelines.toy_train --seed {args.seed} --detector-steps "
         f"{args.detector_steps} --generator-steps {args.generator_steps} --batch {args.batch} --dual-blocks "
-        f"{args.dual_blocks} --single-blocks {args.single_blocks} --text-encoder {args.text_encoder}",
+        f"{args.dual_blocks} --single-blocks {args.single_blocks} --text-encoder {args.text_encoder}"
+        + (f" --detector-from {args.detector_from}" if args.detector_from else ""),
         "detector_accuracy_fresh_renders": det_acc,
         "held_out_combinations": [list(p) for p in world.HELD_OUT],
         "held_out_quality_by_guidance": quality, "default_steps": toy.DEFAULT_STEPS,
