@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="starting noises per prompt (90 prompts)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--model-path", default=None,
-                        help="a folder written by `python -m erase.pipelines.toy_train --out` (default: the shipped weights)")
+                        help="a folder written by `python -m erase.toy_train --out` (default: the shipped weights)")
     args = parser.parse_args(argv)
     gen, detector = load_generator("toy", args.model_path), load_detector(args.model_path)
     rows = {name: detection_with_removed(gen, detector, remove, args.seeds) for name, remove in ABLATIONS.items()}

@@ -1,10 +1,12 @@
 """The toy generator behind the FLUX.1 interface, on freshly initialised weights (no shipped files needed)."""
 
+import numpy as np
 import pytest
 import torch
 
 from erase.masks import MaskHooks, Masks
 from erase.pipelines import mask_sites, toy
+from erase.pipelines import toy_world as world
 from erase.sampler import sample
 
 
@@ -85,7 +87,7 @@ def test_toy_prompt_reaches_the_transformer_through_its_tokens_only(fresh_toy):
 
 
 def test_a_frozen_text_encoder_keeps_its_initialisation_while_the_generator_learns():
-    from erase.pipelines.toy_train import train_generator
+    from erase.toy_train import train_generator
 
     config = dict(toy.TRANSFORMER_CONFIG, num_layers=1, num_single_layers=0)
     start_transformer, start_text = toy.build_models(0, config)
@@ -100,7 +102,7 @@ def test_a_frozen_text_encoder_keeps_its_initialisation_while_the_generator_lear
 
 
 def test_retrained_weights_load_with_the_architecture_they_were_trained_with(tmp_path):
-    from erase.pipelines import toy_train
+    from erase import toy_train
 
     toy_train.main(["--out", str(tmp_path), "--detector-from", toy.WEIGHTS_DIR, "--generator-steps", "2", "--batch", "4",
                     "--dual-blocks", "1", "--single-blocks", "1", "--text-encoder", "frozen", "--guidances", "1.0",
@@ -116,9 +118,36 @@ def test_retrained_weights_load_with_the_architecture_they_were_trained_with(tmp
 
 
 def test_a_variant_without_dual_blocks_is_refused_before_any_training(tmp_path, capsys):
-    from erase.pipelines import toy_train
+    from erase import toy_train
 
     with pytest.raises(SystemExit) as exit_info:
         toy_train.main(["--out", str(tmp_path / "v"), "--dual-blocks", "0"])
     assert exit_info.value.code == 2 and "--dual-blocks must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "v").exists()
+
+
+def test_removal_steps_train_with_the_default_sites_removed_toward_the_default_look():
+    from erase.toy_train import default_look_batch, train_generator
+
+    detector = toy.load_detector()
+    looks = detector.predict(default_look_batch(np.random.default_rng(0), 24))
+    assert {(f["colour"], f["style"]) for f in looks} == {(world.DEFAULT_COLOUR, world.DEFAULT_STYLE)}
+    assert len({f["object"] for f in looks}) >= 3  # any object: the object is not heard either
+
+    config = dict(toy.TRANSFORMER_CONFIG, num_layers=1, num_single_layers=1)
+    start, _ = toy.build_models(0, config)
+    producer = "transformer_blocks.0.ff_context.net.0.proj.weight"  # feeds a masked FFN site only
+    single = "single_transformer_blocks.0.proj_mlp.weight"  # outside every default site
+
+    def change(transformer, name):
+        return float((transformer.state_dict()[name] - start.state_dict()[name]).abs().max())
+
+    # every step a removal step: no gradient reaches the removed units' producer (weight decay
+    # alone moves it, by far less than Adam's steps move the rest)
+    removed_only, _ = train_generator(0, steps=3, batch=4, progress=False, transformer_config=config,
+                                      text_encoder="frozen", removal_every=1)
+    ordinary, _ = train_generator(0, steps=3, batch=4, progress=False, transformer_config=config, text_encoder="frozen")
+    assert change(removed_only, producer) < 1e-4 < change(removed_only, single)
+    assert change(ordinary, producer) > 1e-4
+    with pytest.raises(ValueError, match="removal_every"):
+        train_generator(0, steps=1, batch=2, progress=False, transformer_config=config, removal_every=-1)

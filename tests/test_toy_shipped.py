@@ -11,7 +11,7 @@ from erase.evaluate import generate
 from erase.masks import MaskHooks, fingerprint
 from erase.pipelines import load_generator, mask_sites, toy
 from erase.pipelines import toy_world as world
-from erase.pipelines.toy_train import detector_accuracy, held_out_quality
+from erase.toy_train import detector_accuracy, held_out_quality
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ command work on it unchanged.
 Detector: a small CNN naming each attribute (object, colour, style, background) of an image,
 the toy world's NudeNet / CLIP classifier.
 
-The trained weights ship in erase/pipelines/toy_weights/ (safetensors); `python -m erase.pipelines.toy_train`
+The trained weights ship in erase/pipelines/toy_weights/ (safetensors); `python -m erase.toy_train`
 retrains them from a seed.
 """
 
@@ -36,6 +36,7 @@ TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=12, num_layers=3, num_single
                           axes_dims_rope=(8, 12, 12))
 TEXT_CONFIG = dict(width=64, layers=2, heads=4, max_len=20)
 TEXT_ENCODER = "joint"  # how the shipped text encoder was trained (toy_train --text-encoder)
+REMOVAL_EVERY = 0  # how often the shipped generator trained with the default sites removed (toy_train --removal-every)
 DEFAULT_STEPS = 4
 DEFAULT_GUIDANCE = 1.0  # 1.0 = guidance-free; the shipped figures say which default was chosen
 # The recipe's defaults for this world (`erase train --model toy`), where they differ from the
@@ -242,7 +243,7 @@ def load(model_path: str | None = None, *, guidance: float | None = None, device
     path = os.path.join(folder, "generator.safetensors")
     if not os.path.isfile(path):
         raise ModelError(f"no toy generator weights at {path}; retrain them with "
-                         f"`python -m erase.pipelines.toy_train --out {folder}`")
+                         f"`python -m erase.toy_train --out {folder}`")
     transformer, text = build_models(0, *architecture(folder))
     state = load_file(path)
     transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
@@ -257,7 +258,7 @@ def load_detector(model_path: str | None = None, device: str = "cpu") -> ToyDete
 
     path = os.path.join(model_path or WEIGHTS_DIR, "detector.safetensors")
     if not os.path.isfile(path):
-        raise ModelError(f"no toy detector weights at {path}; retrain with `python -m erase.pipelines.toy_train`")
+        raise ModelError(f"no toy detector weights at {path}; retrain with `python -m erase.toy_train`")
     detector = ToyDetector()
     detector.load_state_dict(load_file(path))
     return detector.to(device).eval()

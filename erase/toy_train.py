@@ -1,6 +1,6 @@
 """Retrain the toy world's detector and generator from a seed, check them, and write the weights.
 
-    python -m erase.pipelines.toy_train --seed 0 --out erase/pipelines/toy_weights
+    python -m erase.toy_train --seed 0 --out erase/pipelines/toy_weights
 
 1. Detector: a CNN on freshly rendered images of every combination; accuracy per attribute on
    new renders.
@@ -10,6 +10,12 @@
 3. Quality on the held-out (object, colour) combinations at the default step count, guidance-free
    and with guidance; the default guidance is the smallest that meets the bar (1.0 = none).
 Figures go to figures.json next to the weights.
+
+With `--removal-every N`, every Nth generator step is taken with every unit of the default mask
+sites removed (the text stream's modulation and the dual-stream blocks' MLPs set to zero), toward
+images of the default look: any object, grey, solid, on any background, whatever the prompt says.
+The generator learns that without those units the prompt is not heard, so what a prompt asks for
+has to pass through the units a mask can remove (docs/toy_generator_variants.md).
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from erase.config import TrainConfig
+from erase.masks import MaskHooks, select_sites
 from erase.pipelines import toy
 from erase.pipelines import toy_world as world
+from erase.pipelines.flux import flux_mask_sites
 
 TEXT_ENCODER_MODES = ("joint", "frozen")
 
@@ -38,6 +47,15 @@ def render_batch(rng, n, exclude_held_out):
         labels.append(world.label_indices(attrs))
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return images, prompts, torch.tensor(labels)
+
+
+def default_look_batch(rng, n):
+    """Images of what a prompt that names nothing draws: any object, grey, solid, any background."""
+    images = []
+    for _ in range(n):
+        attrs = world.random_attributes(rng, exclude_held_out=False)
+        images.append(world.render(attrs["object"], world.DEFAULT_COLOUR, world.DEFAULT_STYLE, attrs["background"], rng))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
 def detector_accuracy(detector, seed: int, n: int = 3000) -> dict[str, float]:
@@ -77,14 +95,18 @@ def train_detector(seed: int, steps: int, batch: int = 128, progress: bool = Tru
 
 def train_generator(seed: int, steps: int, batch: int = 64, lr: float = 1e-3, progress: bool = True,
                     transformer_config: dict | None = None, text_config: dict | None = None,
-                    text_encoder: str = "joint"):
+                    text_encoder: str = "joint", removal_every: int = 0):
     """text_encoder "joint" trains the text encoder with the generator; "frozen" keeps it at its
     random initialisation, as FLUX.1 keeps T5 (trained on text alone) fixed, so that turning
-    its features into what the image needs is the transformer's own work."""
+    its features into what the image needs is the transformer's own work. With `removal_every`
+    N > 0, every Nth step removes every unit of the default mask sites and trains toward the
+    default look (default_look_batch) for the same prompts."""
     transformer, text = toy.build_models(seed, transformer_config, text_config)
     rng = np.random.default_rng(seed + 1)
     if text_encoder not in TEXT_ENCODER_MODES:
         raise ValueError(f"text_encoder must be one of {TEXT_ENCODER_MODES}, got {text_encoder!r}")
+    if removal_every < 0:
+        raise ValueError(f"removal_every must be 0 (off) or a positive step interval, got {removal_every}")
     text.requires_grad_(text_encoder == "joint")
     params = [p for p in (*transformer.parameters(), *text.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -93,23 +115,29 @@ def train_generator(seed: int, steps: int, batch: int = 64, lr: float = 1e-3, pr
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
     ids, txt_ids = toy.image_ids(), torch.zeros(text.max_len, 3)
     gen = torch.Generator().manual_seed(seed + 2)
+    default_sites = select_sites(flux_mask_sites(transformer), TrainConfig.sites)  # the default site groups
+    removed = {site.name: torch.zeros(site.size) for site in default_sites}
     bar = tqdm(range(steps), desc="generator", disable=not progress)
-    for _ in bar:
+    for step in bar:
         images, prompts, _ = render_batch(rng, batch, exclude_held_out=True)
+        removal_step = removal_every > 0 and (step + 1) % removal_every == 0
+        if removal_step:
+            images = default_look_batch(rng, batch)
         x0 = toy.pack(images)
         noise = torch.randn(x0.shape, generator=gen)
         sigma = torch.rand(batch, generator=gen)  # uniform: few-step sampling visits σ from 1 down to 1/steps
         x = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         embeds, pooled = text(text.tokenize(prompts))
-        v = transformer(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=sigma,
-                        img_ids=ids, txt_ids=txt_ids, return_dict=False)[0]
+        with MaskHooks(transformer, default_sites, removed if removal_step else {}):
+            v = transformer(hidden_states=x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=sigma,
+                            img_ids=ids, txt_ids=txt_ids, return_dict=False)[0]
         loss = torch.mean((v - (noise - x0)) ** 2)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return transformer.eval(), text.eval()
 
 
@@ -142,7 +170,7 @@ def held_out_quality(gen: toy.ToyGenerator, detector: toy.ToyDetector, seeds_per
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m erase.pipelines.toy_train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m erase.toy_train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=toy.WEIGHTS_DIR, help="folder for generator/detector safetensors and figures.json")
@@ -156,10 +184,15 @@ def main(argv=None) -> None:
                         help="single-stream blocks (FLUX.1 has 38)")
     parser.add_argument("--text-encoder", choices=TEXT_ENCODER_MODES, default=toy.TEXT_ENCODER,
                         help="joint: trained with the generator; frozen: kept at its random initialisation")
+    parser.add_argument("--removal-every", type=int, default=toy.REMOVAL_EVERY,
+                        help="every Nth generator step removes every unit of the default mask sites and trains toward "
+                             "the default look (0: never)")
     parser.add_argument("--detector-from", default=None,
                         help="copy the detector of this weights folder instead of training one (for generator variants)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op torch threads (default: every core)")
     args = parser.parse_args(argv)
+    if args.removal_every < 0:
+        parser.error(f"--removal-every must be 0 (never) or a positive step interval, got {args.removal_every}")
     if args.dual_blocks < 1 or args.single_blocks < 0:
         parser.error(f"--dual-blocks must be at least 1 (the mask sites are in them) and --single-blocks at least 0, "
                      f"got {args.dual_blocks} and {args.single_blocks}")
@@ -175,9 +208,11 @@ def main(argv=None) -> None:
     print("detector accuracy", det_acc, flush=True)
     det_seconds = time.time() - started
     transformer, text = train_generator(args.seed, args.generator_steps, args.batch,
-                                        transformer_config=transformer_config, text_encoder=args.text_encoder)
+                                        transformer_config=transformer_config, text_encoder=args.text_encoder,
+                                        removal_every=args.removal_every)
     with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump({"transformer": transformer_config, "text": toy.TEXT_CONFIG, "text_encoder": args.text_encoder}, f, indent=2)
+        json.dump({"transformer": transformer_config, "text": toy.TEXT_CONFIG, "text_encoder": args.text_encoder,
+                   "removal_every": args.removal_every}, f, indent=2)
     state = {f"transformer.{k}": v.contiguous() for k, v in transformer.state_dict().items()}
     state.update({f"text.{k}": v.contiguous() for k, v in text.state_dict().items()})
     save_file(state, os.path.join(args.out, "generator.safetensors"))
@@ -191,9 +226,10 @@ def main(argv=None) -> None:
         if default is None and acc["object"] >= 0.9 and acc["colour"] >= 0.9:
             default = g
     figures = {
-        "seed": args.seed, "command": f"python -m erase.pipelines.toy_train --seed {args.seed} --detector-steps "
+        "seed": args.seed, "command": f"python -m erase.toy_train --seed {args.seed} --detector-steps "
         f"{args.detector_steps} --generator-steps {args.generator_steps} --batch {args.batch} --dual-blocks "
-        f"{args.dual_blocks} --single-blocks {args.single_blocks} --text-encoder {args.text_encoder}"
+        f"{args.dual_blocks} --single-blocks {args.single_blocks} --text-encoder {args.text_encoder} "
+        f"--removal-every {args.removal_every}"
         + (f" --detector-from {args.detector_from}" if args.detector_from else ""),
         "detector_accuracy_fresh_renders": det_acc,
         "held_out_combinations": [list(p) for p in world.HELD_OUT],
