@@ -58,7 +58,7 @@ class TrainConfig:
                           "a learnt mixture of its nearest concepts (AGE), or the concept's own image edited with "
                           "FlowEdit towards the substituted prompt (the reference code's)", choices=TARGETS,
                           default_text="empty; for a toy colour or style, substitute with the word dropped "
-                          "('a blue circle' -> 'a circle', drawn grey)")
+                          "('a blue circle' -> 'a circle', drawn grey); for a toy object or background, adaptive")
     substitutions: dict[str, str] = setting({}, "for --target substitute or edit: replace OLD in each concept prompt by NEW "
                                             "(repeatable), e.g. 'Van Gogh=a painter'", flag="--substitute",
                                             metavar="OLD=NEW", append=True, default_text="none")
@@ -84,7 +84,8 @@ class TrainConfig:
     vocabulary: str | None = setting(None, "adaptive: candidate concepts, a file (one per line) or a comma-separated "
                                      "list", default_text="the model's own, where it has one (toy: the other "
                                      "concepts of the erased one's group; FLUX.1 has none, pass it)")
-    beta: float = setting(0.01, "weight of the preservation term (smaller: stronger erasure)")
+    beta: float = setting(0.01, "weight of the preservation term (smaller: stronger erasure; the toy recipe "
+                          "gives a colour 2)")
     lr_ffn: float = setting(0.5, "learning rate of the FFN masks' logits")
     lr_norm: float = setting(0.5, "learning rate of the text-stream modulation (norm) masks' logits")
     lr_attn: float = setting(0.0, "learning rate of the attention-head masks' logits; 0 leaves heads unmasked "

@@ -175,7 +175,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=toy.WEIGHTS_DIR, help="folder for generator/detector safetensors and figures.json")
     parser.add_argument("--detector-steps", type=int, default=1500)
-    parser.add_argument("--generator-steps", type=int, default=2600)
+    parser.add_argument("--generator-steps", type=int, default=toy.GENERATOR_STEPS)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--guidances", default="1.0,1.5,2.0,3.0", help="guidance scales to check, smallest first")
     parser.add_argument("--dual-blocks", type=int, default=toy.TRANSFORMER_CONFIG["num_layers"],

@@ -64,8 +64,10 @@ def test_substitutions_serve_the_substitute_target_only():
     assert blue.target == "substitute"
     assert blue.substitutions == {"blue": "", "azure": "", "navy": "", "sky-coloured": "", "ocean-coloured": ""}
     assert resolve("toy", "blue", flags={"target": "empty"}).substitutions == {}
+    assert blue.beta == 2.0  # the toy recipe's beta for a colour
     cross = resolve("toy", "cross")
-    assert cross.target == "empty" and cross.beta == 0.25 and cross.steps == 200  # the toy recipe's
+    assert cross.target == "adaptive" and cross.substitutions == {}
+    assert cross.beta == 0.25 and cross.steps == 200  # the toy recipe's
 
 
 def _train_parser():

@@ -65,13 +65,16 @@ def test_detector_predicts_every_attribute():
     assert len(found) == 3 and set(found[0]) == {"object", "colour", "style", "background"}
 
 
-def test_recipe_maps_a_toy_colour_or_style_onto_its_prompt_without_the_word():
+def test_recipe_maps_a_toy_colour_or_style_onto_its_prompt_without_the_word_and_an_object_onto_the_others():
     from erase.pipelines import recipe_defaults
     from erase.prompts import substitute
 
-    assert recipe_defaults("toy", "cross").get("target", "empty") == "empty"
+    # masks only remove, and with the masked units removed the generator draws the default look:
+    # an object maps onto the other objects (AGE), never onto the empty background it cannot reach
+    assert recipe_defaults("toy", "cross")["target"] == "adaptive"
+    assert recipe_defaults("toy", "cross")["beta"] == toy.RECIPE_DEFAULTS["beta"]
     blue = recipe_defaults("toy", "blue")
-    assert blue["target"] == "substitute"
+    assert blue["target"] == "substitute" and blue["beta"] == toy.COLOUR_BETA
     assert substitute("a striped blue circle", blue["substitutions"]) == "a striped circle"
     striped = recipe_defaults("toy", "striped")["substitutions"]  # every phrasing: erasure trains on them all
     assert striped == {"striped": "", "banded": "", "lined": "", "zebra-patterned": "", "stripe-filled": ""}
