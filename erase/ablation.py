@@ -20,6 +20,7 @@ import json
 
 import torch
 
+from erase.evaluate import rate
 from erase.masks import MaskHooks
 from erase.pipelines import load_generator
 from erase.pipelines import toy_world as world
@@ -64,8 +65,9 @@ def zeroed(module: torch.nn.Module, suffixes: tuple[str, ...]):
 
 
 @torch.no_grad()
-def detection_with_removed(gen, detector, remove, seeds_per_prompt: int = 2) -> dict[str, float]:
-    """Share of generations whose object, colour and style the detector finds as prompted."""
+def detection_with_removed(gen, detector, remove, seeds_per_prompt: int = 2) -> dict[str, dict]:
+    """Share of generations whose object, colour and style the detector finds as prompted, each
+    with its 95% interval and n ({value, n, low, high})."""
     combos = [(o, c, s) for o in world.OBJECTS for c in world.COLOURS for s in world.STYLES]
     combos = [combo for combo in combos for _ in range(seeds_per_prompt)]
     prompts = [world.make_prompt({"object": o, "colour": c, "style": s}) for o, c, s in combos]
@@ -76,13 +78,13 @@ def detection_with_removed(gen, detector, remove, seeds_per_prompt: int = 2) -> 
     with MaskHooks(gen.transformer, sites, values):
         final = sample(lambda x, sigma: gen.velocity(x, sigma, cond), noise, gen.sigmas(gen.default_steps), False)
     found = detector.predict(gen.decode(final))
-    rates = {attr: sum(f[attr] == combo[i] for f, combo in zip(found, combos)) / len(combos)
+    rates = {attr: rate([f[attr] == combo[i] for f, combo in zip(found, combos)])
              for i, attr in enumerate(("object", "colour", "style"))}
     # A removed style falls back to the default look (solid), which is the prompted style of a
     # third of the prompts: the style column cannot fall below 1/3 however much is removed. This
     # one counts the other styles only, where the fallback is a miss.
     styled = [(f, combo) for f, combo in zip(found, combos) if combo[2] != world.DEFAULT_STYLE]
-    rates["style_not_default"] = sum(f["style"] == combo[2] for f, combo in styled) / len(styled)
+    rates["style_not_default"] = rate([f["style"] == combo[2] for f, combo in styled])
     return rates
 
 
@@ -101,9 +103,14 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'removed':44s} {'object':>7s} {'colour':>7s} {'style':>7s} {'style (not solid)':>18s}")
+    columns = ("object", "colour", "style", "style_not_default")
+    first = rows["none"]
+    print(f"share of generations with the prompted attribute found, 95% interval; n {first['object']['n']} "
+          f"({first['style_not_default']['n']} for style (not solid))")
+    print(f"{'removed':44s} {'object':>17s} {'colour':>17s} {'style':>17s} {'style (not solid)':>18s}")
     for name, row in rows.items():
-        print(f"{name:44s} {row['object']:7.2f} {row['colour']:7.2f} {row['style']:7.2f} {row['style_not_default']:18.2f}")
+        cells = [f"{row[c]['value']:.2f} [{row[c]['low']:.2f}, {row[c]['high']:.2f}]" for c in columns]
+        print(f"{name:44s} " + " ".join(f"{cell:>17s}" for cell in cells))
     return 0
 
 

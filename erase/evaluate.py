@@ -73,7 +73,8 @@ def rate(hits) -> dict:
     denom = 1 + Z95**2 / n
     centre = (p + Z95**2 / (2 * n)) / denom
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
-    return {"value": p, "n": n, "low": max(0.0, centre - half), "high": min(1.0, centre + half)}
+    # the interval holds the rate itself, also where float rounding at 0 or 1 would leave it just outside
+    return {"value": p, "n": n, "low": max(0.0, min(p, centre - half)), "high": min(1.0, max(p, centre + half))}
 
 
 def mean_interval(values) -> dict:

@@ -67,8 +67,11 @@ def test_ablation_removes_whole_site_groups_and_the_detector_sees_it(shipped):
     from erase.ablation import ABLATIONS, detection_with_removed
 
     gen, detector = shipped
-    untouched = detection_with_removed(gen, detector, ABLATIONS["none"], seeds_per_prompt=1)
-    no_heads = detection_with_removed(gen, detector, ABLATIONS["attn, every head"], seeds_per_prompt=1)
+    figures = {name: detection_with_removed(gen, detector, ABLATIONS[name], seeds_per_prompt=1)
+               for name in ("none", "attn, every head")}
+    untouched, no_heads = ({k: v["value"] for k, v in figures[name].items()} for name in ("none", "attn, every head"))
+    assert figures["none"]["object"]["n"] == 90 and figures["none"]["style_not_default"]["n"] == 60
+    assert figures["none"]["colour"]["low"] <= untouched["colour"] <= figures["none"]["colour"]["high"]
     assert untouched["object"] >= 0.9 and untouched["colour"] >= 0.9, untouched
     # without attention no prompt reaches the image: every attribute falls far below the untouched model
     assert all(no_heads[a] <= untouched[a] - 0.4 for a in ("object", "colour", "style")), (untouched, no_heads)
@@ -76,7 +79,7 @@ def test_ablation_removes_whole_site_groups_and_the_detector_sees_it(shipped):
     assert untouched["style_not_default"] >= 0.85, untouched
     assert no_heads["style_not_default"] <= untouched["style_not_default"] - 0.3, (untouched, no_heads)
     # and the hooks are gone afterwards: the same call gives the same figures again
-    assert detection_with_removed(gen, detector, ABLATIONS["none"], seeds_per_prompt=1) == untouched
+    assert detection_with_removed(gen, detector, ABLATIONS["none"], seeds_per_prompt=1) == figures["none"]
 
 
 def test_zeroed_text_encoder_layers_come_back_whole(shipped):
