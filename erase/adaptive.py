@@ -8,6 +8,9 @@ embedding space, with weights from a Gumbel-softmax over learnt logits π:
                                              soft: the top-k weights, renormalised to sum to 1
     c_t = Σ_i w_i · encode(prompt with the concept replaced by candidate i)
 
+The concept is replaced in every phrasing the model lists for it (the toy world's synonyms and
+descriptions: "a red plus sign" -> "a red square"), so the erasure trains on all of them.
+
 Min-max, one step each: the masks descend erase(c_e -> F_θ'(c_t)) + λ·||F_θ(c_t) - F_θ'(c_t)||²
 (+ β · neutral preservation); π *ascends* the target's preservation term, steering the target
 towards the neighbour that erasure currently hurts most, so that it is mapped onto and kept.
@@ -73,6 +76,20 @@ def read_vocabulary(source: str | list[str] | None, model: str, concept: str) ->
     return words
 
 
+def concept_phrasings(model: str, concept: str) -> list[str]:
+    """Every phrase that names `concept` for `model` (the toy world: its word, synonyms and
+    descriptions), which the candidates replace; the concept itself where the model lists none."""
+    from erase.pipelines import models
+
+    entry = models().get(model)  # a generator outside the registry (a test's) names a concept by its words
+    listed = entry.phrasings if entry is not None else None
+    return list(listed(concept)) if listed is not None else [concept]
+
+
+def names_concept(prompt: str, phrases: list[str]) -> bool:
+    return any(phrase in prompt for phrase in phrases)
+
+
 @torch.no_grad()
 def nearest_concepts(gen, concept: str, vocabulary: list[str], k: int) -> list[tuple[str, float]]:
     """The k words of `vocabulary` closest to `concept` by cosine similarity of their text embedding:
@@ -107,6 +124,7 @@ class AdaptiveTarget:
             raise PromptError(f"the adaptive target needs k >= 1 candidates, got {cfg.k}")
         self.gen, self.concept, self.cfg = gen, concept, cfg
         self.candidates = nearest_concepts(gen, concept, vocabulary, cfg.k)
+        self.phrasings = concept_phrasings(model, concept)
         self.logits = torch.zeros(len(self.candidates), requires_grad=True)
         self.optimizer = torch.optim.Adam([self.logits], lr=cfg.lr, maximize=True)  # ascent on the preservation term
         self.noise = torch.Generator("cpu").manual_seed(seed + 7)
@@ -125,11 +143,11 @@ class AdaptiveTarget:
         """The mixture conditioning for a batch of concept prompts: Σ_i w_i · encode(prompt with candidate i)."""
         per_prompt = []
         for prompt in prompts:
-            encoded = [self._encode(substitute(prompt, {self.concept: word})) for word, _ in self.candidates]
+            encoded = [self._encode(substitute(prompt, dict.fromkeys(self.phrasings, word))) for word, _ in self.candidates]
             embeds = sum(w * e.prompt_embeds.float() for w, e in zip(weights, encoded))
             pooled = sum(w * e.pooled.float() for w, e in zip(weights, encoded))
             per_prompt.append((embeds, pooled))
-        first = self._encode(substitute(prompts[0], {self.concept: self.candidates[0][0]}))
+        first = self._encode(substitute(prompts[0], dict.fromkeys(self.phrasings, self.candidates[0][0])))
         batch = self.gen.encode(list(prompts))  # carries the model's other conditioning (ids, unconditional side)
         dtype = first.prompt_embeds.dtype
         return dataclasses.replace(batch, prompt_embeds=torch.cat([e for e, _ in per_prompt]).to(dtype),

@@ -85,7 +85,7 @@ class TrainConfig:
                                      "list", default_text="the model's own, where it has one (toy: the other "
                                      "concepts of the erased one's group; FLUX.1 has none, pass it)")
     beta: float = setting(0.01, "weight of the preservation term (smaller: stronger erasure; the toy recipe "
-                          "gives a colour 2)")
+                          "gives a colour 2, an object 0.1)")
     lr_ffn: float = setting(0.5, "learning rate of the FFN masks' logits")
     lr_norm: float = setting(0.5, "learning rate of the text-stream modulation (norm) masks' logits")
     lr_attn: float = setting(0.0, "learning rate of the attention-head masks' logits; 0 leaves heads unmasked "

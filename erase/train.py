@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Union
 import torch
 from tqdm import tqdm
 
-from erase.adaptive import AdaptiveConfig, AdaptiveTarget
+from erase.adaptive import AdaptiveConfig, AdaptiveTarget, concept_phrasings, names_concept
 from erase.config import MAX_NOISES_PER_PROMPT, TrainConfig
 from erase.flowedit import edit_noise_seeds, edit_start, flowedit
 from erase.masks import MaskHooks, Masks, NoisePerCall, select_sites, sparsity
@@ -292,11 +292,13 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
     erase_rows = _rows(erase_prompts, f"no prompts for the concept {cfg.concept!r}: the erase prompt list is empty",
                        cfg, erase_seed)
     neutral_rows = _rows(neutral_prompts, "no neutral prompts: the preservation prompt list is empty", cfg, neutral_seed)
-    if cfg.target == "adaptive":  # its candidates replace the concept's word, so only prompts with the word serve
-        named = [r for r in erase_rows if cfg.concept in r["prompt"]]
+    phrases = concept_phrasings(gen.model_id, cfg.concept)
+    if cfg.target == "adaptive":  # its candidates replace the concept's words, so only prompts with one serve
+        named = [r for r in erase_rows if names_concept(r["prompt"], phrases)]
         if named and len(named) < len(erase_rows):
             print(f"erase: adaptive target: training on the {len(named)} of {len(erase_rows)} concept rows whose "
-                  f"prompt names {cfg.concept!r} by its word (the candidates replace it)", file=sys.stderr)
+                  f"prompt names {cfg.concept!r} by one of {', '.join(map(repr, phrases))} (the candidates replace "
+                  "it)", file=sys.stderr)
             erase_rows = named
     erase_batches = cycle_batches(erase_rows, cfg.batch_size, cfg.seed)
     neutral_batches = cycle_batches(neutral_rows, cfg.batch_size, cfg.seed + 1)
@@ -307,9 +309,10 @@ def train(gen, cfg: TrainConfig, erase_prompts: PromptSource, neutral_prompts: P
             if cfg.target in ("substitute", "edit"):  # edit: the prompt the image is edited towards
                 target_prompts[prompt] = substitute(prompt, cfg.substitutions)
             elif cfg.target == "adaptive":  # the concept must be there to be replaced by the candidates
-                if cfg.concept not in prompt:
-                    raise PromptError(f"adaptive target: prompt {prompt!r} contains none of {cfg.concept!r}; every "
-                                      "concept prompt must name the concept so that candidates can replace it")
+                if not names_concept(prompt, phrases):
+                    raise PromptError(f"adaptive target: prompt {prompt!r} contains none of "
+                                      f"{', '.join(map(repr, phrases))}; every concept prompt must name the concept "
+                                      "so that candidates can replace it")
                 target_prompts[prompt] = prompt
             else:
                 target_prompts[prompt] = ""

@@ -106,3 +106,27 @@ def test_adaptive_step_is_the_same_with_and_without_checkpointing(tiny):
     masks_plain, masks_ckpt = first_moments(plain["optimizer"]), first_moments(ckpt["optimizer"])
     assert masks_plain.abs().sum() > 0
     assert ((masks_ckpt - masks_plain).norm() / masks_plain.norm()) < 1e-5
+
+
+def test_the_candidates_replace_every_phrasing_of_a_toy_concept():
+    from erase.adaptive import concept_phrasings, names_concept
+    from erase.prompts import substitute
+
+    phrases = concept_phrasings("toy", "cross")
+    assert phrases[0] == "cross" and {"plus sign", "plus", "shape like a first-aid sign"} <= set(phrases)
+    # longest first: "a plus sign" becomes "a square", not "a square sign"
+    assert substitute("a red plus sign", dict.fromkeys(phrases, "square")) == "a red square"
+    assert names_concept("a shape of two crossing beams", phrases) and not names_concept("a red shape", phrases)
+    assert concept_phrasings("flux.1-schnell", "nudity") == ["nudity"]  # an open vocabulary: the words given
+    assert concept_phrasings("a model outside the registry", "cross") == ["cross"]
+
+
+def test_a_toy_object_trains_on_its_synonyms_and_descriptions_too(capsys):
+    from erase.pipelines import load_generator
+
+    gen = load_generator("toy")
+    cfg = TrainConfig(concept="cross", target="adaptive", adaptive_k=2, steps=1, batch_size=2, log_every=1)
+    prompts = ["a red plus sign", "a shape of two crossing beams", "a red cross", "a red circle"]
+    train(gen, cfg, prompts, ["a blue square"], progress=False)
+    # the one prompt that names no phrasing of the cross is left out, the other three train
+    assert "training on the 3 of 4 concept rows" in capsys.readouterr().err

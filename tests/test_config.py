@@ -67,7 +67,7 @@ def test_substitutions_serve_the_substitute_target_only():
     assert blue.beta == 2.0  # the toy recipe's beta for a colour
     cross = resolve("toy", "cross")
     assert cross.target == "adaptive" and cross.substitutions == {}
-    assert cross.beta == 0.25 and cross.steps == 200  # the toy recipe's
+    assert cross.beta == 0.1 and cross.steps == 200  # the toy recipe's for an object
 
 
 def _train_parser():

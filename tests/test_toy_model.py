@@ -72,9 +72,10 @@ def test_recipe_maps_a_toy_colour_or_style_onto_its_prompt_without_the_word_and_
     # masks only remove, and with the masked units removed the generator draws the default look:
     # an object maps onto the other objects (AGE), never onto the empty background it cannot reach
     assert recipe_defaults("toy", "cross")["target"] == "adaptive"
-    assert recipe_defaults("toy", "cross")["beta"] == toy.RECIPE_DEFAULTS["beta"]
+    assert recipe_defaults("toy", "cross")["beta"] == toy.BETA_BY_ATTRIBUTE["object"]
+    assert recipe_defaults("toy", "striped")["beta"] == toy.RECIPE_DEFAULTS["beta"]
     blue = recipe_defaults("toy", "blue")
-    assert blue["target"] == "substitute" and blue["beta"] == toy.COLOUR_BETA
+    assert blue["target"] == "substitute" and blue["beta"] == toy.BETA_BY_ATTRIBUTE["colour"]
     assert substitute("a striped blue circle", blue["substitutions"]) == "a striped circle"
     striped = recipe_defaults("toy", "striped")["substitutions"]  # every phrasing: erasure trains on them all
     assert striped == {"striped": "", "banded": "", "lined": "", "zebra-patterned": "", "stripe-filled": ""}

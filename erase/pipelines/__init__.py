@@ -96,6 +96,9 @@ class ModelEntry:
     recipes: dict = field(default_factory=dict)  # named recipes: name -> settings
     detector: dict | None = None  # spec of the detector that knows this model's concepts, if any
     vocabulary: Callable[[str], list[str]] | None = None  # a concept -> candidates for the adaptive target
+    # a concept -> every phrase that names it (synonyms, descriptions), which the adaptive target's
+    # candidates replace; None: the concept's own words only
+    phrasings: Callable[[str], list[str]] | None = None
     sweep_concepts: tuple[str, ...] = ()  # what `erase sweep` erases when no --concepts are given
     graph_concepts: tuple[str, ...] = ()  # what `erase graph` erases when no --concepts are given
     concept_graph: str | None = None  # a concept graph (graph.json) made on this model's weights

@@ -49,10 +49,14 @@ DEFAULT_GUIDANCE = 1.0  # 1.0 = guidance-free; the shipped figures say which def
 # concept at 0.97 of its rate or more (README, "Erasure with the defaults"). Each prompt gets 4
 # starting noises rather than 1: with one, the masks fit that noise.
 RECIPE_DEFAULTS = {"beta": 0.25, "steps": 200, "noises_per_prompt": 4}
-# A colour erases at any beta tried (0.000 on the test split from 0.25 to 2), but its neighbours
-# in RGB pay below beta 2: erasing red kept purple at 0.77 of its rate at 0.25, and blue kept it
-# at 0.75 at 0.5; at 2, red's erasure keeps every other colour at 0.99 or more.
-COLOUR_BETA = 2.0
+# beta by the kind of concept, where it differs from RECIPE_DEFAULTS' (docs/toy_generator_variants.md,
+# "Erasure on D"; chosen on test-split probes, since the validation split, about 44 generations of
+# the concept, told the candidates apart by no more than a generation or two):
+# - a colour erases at every beta tried (0.000 from 0.25 to 2), but its neighbours in RGB pay below
+#   2: erasing red kept purple at 0.77 of its rate at 0.25, and blue kept it at 0.75 at 0.5;
+# - an object, mapped onto the other objects in every phrasing, erased to 0.093 at 0.25, 0.047 at
+#   0.1 (every other concept 0.96 or more) and 0.012 at 0.05 (yellow down to 0.88).
+BETA_BY_ATTRIBUTE = {"colour": 2.0, "object": 0.1, "background": 0.1}
 
 
 class ToyTextEncoder(nn.Module):
@@ -322,7 +326,7 @@ def recipe_defaults(concept: str | None) -> dict:
     remove, and this generator with the masked units removed draws the default look (any object,
     grey, solid): the empty background the `empty` target asks for is out of their reach.
     - A colour or style: the substitute target with the word dropped (the reference code's
-      'de-conceptualised' prompt), drawn in the default look (grey, solid); a colour with COLOUR_BETA.
+      'de-conceptualised' prompt), drawn in the default look (grey, solid).
     - An object (or a background): the adaptive target (AGE), a learnt mixture of the other
       objects. Dropping the word ('a red shape') draws any object, the erased one too, about one
       time in six."""
@@ -333,10 +337,10 @@ def recipe_defaults(concept: str | None) -> dict:
     if attribute in ("colour", "style"):
         # every phrasing: the erasure prompts name the concept by its synonyms and descriptions too
         defaults.update(target="substitute", substitutions={word: "" for _, word in world.phrasings(concept)})
-    if attribute == "colour":
-        defaults.update(beta=COLOUR_BETA)
     if attribute in ("object", "background"):
         defaults.update(target="adaptive")
+    if attribute in BETA_BY_ATTRIBUTE:
+        defaults.update(beta=BETA_BY_ATTRIBUTE[attribute])
     return defaults
 
 
@@ -349,6 +353,13 @@ def vocabulary(concept: str) -> list[str]:
     return world.all_concepts()
 
 
+def phrasings(concept: str) -> list[str]:
+    """The words that name `concept`: its canonical word, synonyms and descriptions."""
+    if concept in world.all_concepts():
+        return [word for _, word in world.phrasings(concept)]
+    return [concept]
+
+
 def _load(model_path: str | None, *, dtype: torch.dtype, device: str, guidance: float | None) -> ToyGenerator:
     return load(model_path, guidance=guidance, device=device, dtype=dtype)
 
@@ -358,6 +369,7 @@ ENTRY = ModelEntry(
     description="the toy world that ships with the project: 16x16 shapes, trained weights included (the default)",
     load=_load, meta_transformer=meta_transformer, mask_sites=flux_mask_sites, prompt_sets=prompt_sets,
     eval_sets=eval_sets, splits=world.SPLITS, recipe_defaults=recipe_defaults, detector={"name": "toy"}, vocabulary=vocabulary,
+    phrasings=phrasings,
     sweep_concepts=("striped",),  # the concept its masks erase best (README, "The toy world")
     graph_concepts=world.OBJECTS,
     concept_graph=os.path.join(WEIGHTS_DIR, "concept_graph.json"),
