@@ -46,15 +46,17 @@ def test_generator_meets_the_held_out_bar_as_recorded(shipped):
 
 @pytest.mark.slow
 def test_short_erasure_lowers_the_concept_detection_rate(shipped):
-    from erase.config import TrainConfig
+    from erase.config import resolve
     from erase.prompts import prompt_sets
     from erase.train import train
 
     gen, _ = shipped
     detector = ToyWorldDetector()
     erase_prompts, neutral = prompt_sets("toy", "circle")
-    result = train(gen, TrainConfig(concept="circle", beta=0.01, steps=80, log_every=80), erase_prompts,
-                   neutral[::4], progress=False)
+    # the recipe for an object (the other objects as its target), cut short
+    cfg = resolve("toy", "circle", flags={"steps": 80, "log_every": 80})
+    assert cfg.target == "adaptive"
+    result = train(gen, cfg, erase_prompts, neutral[::4], progress=False)
     prompts = world.concept_prompts("circle")
     seeds = list(range(7000, 7000 + len(prompts)))
     before = detector.detect(generate(gen, prompts, seeds))["circle"][1].mean()
