@@ -70,7 +70,7 @@ def test_ablation_removes_whole_site_groups_and_the_detector_sees_it(shipped):
 
     gen, detector = shipped
     figures = {name: detection_with_removed(gen, detector, ABLATIONS[name], seeds_per_prompt=1)
-               for name in ("none", "attn, every head")}
+               for name in ("none", "attn, every head", "ffn + norm (the default sites)")}
     untouched, no_heads = ({k: v["value"] for k, v in figures[name].items()} for name in ("none", "attn, every head"))
     assert figures["none"]["object"]["n"] == 90 and figures["none"]["style_not_default"]["n"] == 60
     assert figures["none"]["colour"]["low"] <= untouched["colour"] <= figures["none"]["colour"]["high"]
@@ -80,6 +80,10 @@ def test_ablation_removes_whole_site_groups_and_the_detector_sees_it(shipped):
     # the style column without the prompts that ask for the default look (solid): a third of the combinations
     assert untouched["style_not_default"] >= 0.85, untouched
     assert no_heads["style_not_default"] <= untouched["style_not_default"] - 0.3, (untouched, no_heads)
+    # the property the shipped generator was trained for: without every unit of the default sites
+    # it does not hear the prompt (object at chance, 1/6; colour grey; style the default, solid)
+    removed = {k: v["value"] for k, v in figures["ffn + norm (the default sites)"].items()}
+    assert removed["object"] <= 0.25 and removed["colour"] <= 0.1 and removed["style_not_default"] <= 0.2, removed
     # and the hooks are gone afterwards: the same call gives the same figures again
     assert detection_with_removed(gen, detector, ABLATIONS["none"], seeds_per_prompt=1) == figures["none"]
 
