@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from erase.adaptive import concept_phrasings
 from erase.config import default_value, resolve
 from erase.errors import EraseError
 
@@ -291,9 +292,11 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
 
     gen, erase_prompts, neutral, evaluator = toy_erasure(concept, seeds_per_prompt)
     # the recipe's settings for this concept, as `erase train` would use them: its β, its noises per
-    # prompt and, for a colour or style, its substitution (the word dropped) instead of `substitute_phrase`
+    # prompt and, for a colour or style, its substitution (the word dropped); otherwise every
+    # phrasing of the concept becomes `substitute_phrase` (the erase prompts name it in all of them)
     beta = default_value("toy", "beta", concept) if beta is None else beta
-    substitutions = default_value("toy", "substitutions", concept) or {concept: substitute_phrase}
+    substitutions = (default_value("toy", "substitutions", concept)
+                     or dict.fromkeys(concept_phrasings("toy", concept), substitute_phrase))
 
     def erase_once(strategy: str, run_beta: float) -> dict:
         cfg = resolve("toy", concept, flags={"target": strategy, "beta": run_beta, "steps": steps, "seed": seed,

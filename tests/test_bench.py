@@ -152,6 +152,29 @@ def test_target_comparison_trains_with_the_recipes_settings_for_the_concept(monk
     assert [line.split()[3] for line in logged] == ["empty", "substitute", "adaptive", "edit"]  # one line per run
 
 
+def test_an_objects_substitute_and_edit_replace_every_phrasing_of_it(monkeypatch):
+    # the erase prompts name the cross by its synonyms and descriptions too ("a red plus sign"):
+    # a substitution of the word alone would find nothing to replace in them
+    import erase.train
+
+    configs = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(gen, cfg, *args, **kwargs):
+        configs.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(bench, "toy_erasure", lambda concept, seeds: (None, [], [], None))
+    monkeypatch.setattr(erase.train, "train", spy)
+    with pytest.raises(Stop):
+        bench.compare_targets("cross", ["circle"], steps=2, strategies=("substitute",), progress=False)
+    assert configs[0].target == "substitute"
+    assert configs[0].substitutions["cross"] == configs[0].substitutions["plus sign"] == "shape"
+    assert len(configs[0].substitutions) == 5
+
+
 @pytest.mark.slow
 def test_the_gpu_checks_cpu_twin_runs_both_recipes_beside_the_planner():
     report = bench.check_recipes("flux-bench", ["paper", "reference"], steps=2, progress=False)
