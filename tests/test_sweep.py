@@ -144,7 +144,7 @@ def test_a_sweep_tracks_every_trial_and_a_failed_worker_resumes_from_its_checkpo
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "mask")]
         assert "mask/mask.safetensors" in artifacts
         assert {"erasure_rate", "preservation", "score", "sparsity"} <= set(run.data.metrics)
-        assert run.data.params["target"] == "empty"  # the recipe's target for an object, logged though not in the space
+        assert run.data.params["target"] == "adaptive"  # the recipe's target for an object, logged though not in the space
     import optuna
 
     study = optuna.load_study(study_name=summary["optuna_study"], storage=summary["optuna_storage"])
