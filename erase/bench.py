@@ -274,7 +274,7 @@ def toy_erasure(concept: str, seeds_per_prompt: int):
     return gen, erase_prompts, neutral, evaluator
 
 
-def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, beta: float | None = None,
+def compare_targets(concept: str, neighbours: list[str], *, steps: int | None = None, beta: float | None = None,
                     seed: int = 0, seeds_per_prompt: int = 4, substitute_phrase: str = "shape",
                     strategies=("empty", "substitute", "adaptive", "edit"), match: bool = False, level: float | None = None,
                     tolerance: float = 0.02, max_runs: int = 5, progress: bool = True) -> dict:
@@ -295,6 +295,7 @@ def compare_targets(concept: str, neighbours: list[str], *, steps: int = 400, be
     # prompt and, for a colour or style, its substitution (the word dropped); otherwise every
     # phrasing of the concept becomes `substitute_phrase` (the erase prompts name it in all of them)
     beta = default_value("toy", "beta", concept) if beta is None else beta
+    steps = default_value("toy", "steps", concept) if steps is None else steps
     substitutions = (default_value("toy", "substitutions", concept)
                      or dict.fromkeys(concept_phrasings("toy", concept), substitute_phrase))
 

@@ -56,8 +56,8 @@ def add(subparsers) -> None:
     p.add_argument("--trials", type=int, default=10, help="with --search: the sweep's trials")
     p.add_argument("--storage", default="erase-sweeps", help="with --search: the sweep's state folder")
     p.add_argument("--tracking-uri", help="with --search: MLflow tracking URI (default: sqlite:///./mlflow.db)")
-    p.add_argument("--train-steps", type=int, help="optimisation steps per erasure (default: 400 with --targets, "
-                   "100 with --search)")
+    p.add_argument("--train-steps", type=int, help="optimisation steps per erasure (default: the recipe's, "
+                   "200 for the toy world, with --targets; 100 with --search)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (the step benchmark: a list `rows` "
                    "of {steps, checkpointing, seconds, peak_mb})")
     p.set_defaults(run=run)
@@ -132,7 +132,7 @@ def run_targets(args) -> int:
     if unknown or not strategies:
         raise EraseError(f"--strategies takes targets from {', '.join(TARGETS)}, got {args.strategies!r}")
     neighbours = bench.graph_neighbours(args.targets, args.graph)
-    report = bench.compare_targets(args.targets, neighbours, steps=args.train_steps or 400, match=args.match_erasure,
+    report = bench.compare_targets(args.targets, neighbours, steps=args.train_steps, match=args.match_erasure,
                                    level=args.erasure_level, strategies=strategies, progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2))
