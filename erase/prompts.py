@@ -8,6 +8,7 @@ captions for FLUX.1.
 from __future__ import annotations
 
 import os
+import re
 
 from erase.errors import EraseError
 
@@ -81,10 +82,14 @@ def parse_substitutions(items: list[str] | None) -> dict[str, str]:
 
 
 def substitute(prompt: str, mapping: dict[str, str]) -> str:
-    """The 'de-conceptualised' prompt: every key of `mapping` found in `prompt` replaced by its phrase."""
+    """The 'de-conceptualised' prompt: every key of `mapping` found in `prompt` as a whole word or
+    phrase replaced by its phrase."""
     out = prompt
     for old in sorted(mapping, key=len, reverse=True):  # longest first: "nude man" before "nude"
-        out = out.replace(old, mapping[old])
+        # whole words only: the toy bar's synonym "strip" must not turn "striped" into "shapeed"
+        # (a key that starts or ends with a space or a comma has its edge already)
+        edges = (r"(?<!\w)" if old[:1].isalnum() else "", r"(?!\w)" if old[-1:].isalnum() else "")
+        out = re.sub(edges[0] + re.escape(old) + edges[1], lambda _, new=mapping[old]: new, out)
     if out == prompt:
         keys = ", ".join(repr(k) for k in mapping)
         raise PromptError(f"substitute target: prompt {prompt!r} contains none of {keys}; "

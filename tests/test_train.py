@@ -92,6 +92,12 @@ def test_substitution_map():
     mapping = parse_substitutions(["nude man=a man", "nude=clothed"])
     assert substitute("a nude man on a beach", mapping) == "a a man on a beach"
     assert substitute("nude painting", mapping) == "clothed painting"
+    # whole words only: the toy bar's synonym "strip" is inside "striped", which must stay
+    assert substitute("a striped red strip", {"strip": "shape"}) == "a striped red shape"
+    assert substitute("a striped red strip", {"strip": "sq\\1are"}) == "a striped red sq\\1are"  # taken literally
+    with pytest.raises(PromptError, match="contains none of"):
+        substitute("a striped circle", {"strip": "shape"})
+    assert substitute("a red circle", {"red ": ""}) == "a circle"  # a key with its own edge
     with pytest.raises(PromptError, match="contains none of"):
         substitute("a landscape", mapping)
     with pytest.raises(PromptError, match="OLD=NEW"):
