@@ -156,6 +156,7 @@ def test_an_objects_substitute_and_edit_replace_every_phrasing_of_it(monkeypatch
     # the erase prompts name the cross by its synonyms and descriptions too ("a red plus sign"):
     # a substitution of the word alone would find nothing to replace in them
     import erase.train
+    from erase.pipelines import recipe_defaults
 
     configs = []
 
@@ -169,8 +170,9 @@ def test_an_objects_substitute_and_edit_replace_every_phrasing_of_it(monkeypatch
     monkeypatch.setattr(bench, "toy_erasure", lambda concept, seeds: (None, [], [], None))
     monkeypatch.setattr(erase.train, "train", spy)
     with pytest.raises(Stop):
-        bench.compare_targets("cross", ["circle"], steps=2, strategies=("substitute",), progress=False)
+        bench.compare_targets("cross", ["circle"], strategies=("substitute",), progress=False)
     assert configs[0].target == "substitute"
+    assert configs[0].steps == recipe_defaults("toy", "cross")["steps"]  # no steps given: the recipe's, as erase train
     assert configs[0].substitutions["cross"] == configs[0].substitutions["plus sign"] == "shape"
     assert len(configs[0].substitutions) == 5
 

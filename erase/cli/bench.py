@@ -145,6 +145,7 @@ def print_targets(report: dict) -> None:
     from erase.bench import hardest_common_level
 
     neighbours = report["neighbours"]  # the ones it was measured on, whatever the graph says now
+
     def fixed(value) -> str:
         return f"{'n/a':>10}" if value is None else f"{value:>10.3f}"
 
