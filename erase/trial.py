@@ -196,11 +196,13 @@ class LocalReporter:
     def __init__(self, mask_path: str, metrics_path: str, *, model: str, logger=None):
         self.mask_path, self.metrics_path, self.model, self.logger = mask_path, metrics_path, model, logger
         self.metrics: dict | None = None  # the run's metrics, once it ended
+        self.latest: Report | None = None  # the last report before the end: what Ctrl-C saves
 
     def report(self, report: Report) -> None:
         if self.logger is not None:
             self.logger.metrics(report.row, step=report.step)
         if not report.final:
+            self.latest = report
             return
         result = report.result
         metrics = {**result.metrics(), "model": self.model, "concept": result.config.concept,
@@ -218,5 +220,23 @@ class LocalReporter:
         self.metrics = metrics
 
     def fail(self, error: BaseException) -> None:
+        if isinstance(error, KeyboardInterrupt):
+            self.save_interrupted()
         if self.logger is not None:
             self.logger.fail(f"{type(error).__name__}: {error}")
+
+    def save_interrupted(self) -> None:
+        """Ctrl-C: the last reported mask at the mask path, and its resume point (`Report.write_checkpoint`)
+        in the folder `resume_folder(mask path)`, which `erase train --resume` continues from."""
+        if self.latest is None:
+            return
+        folder = resume_folder(self.mask_path)
+        os.makedirs(folder, exist_ok=True)
+        extra = {"status": f"interrupted after step {self.latest.step}", "steps_done": self.latest.step}
+        self.latest.save_mask(self.mask_path, extra)
+        self.latest.write_checkpoint(folder, metrics=self.latest.metrics, run_id=None, extra=extra)
+
+
+def resume_folder(mask_path: str) -> str:
+    """Where an interrupted `erase train` keeps its resume point: beside its mask, MASK.resume/."""
+    return os.path.splitext(mask_path)[0] + ".resume"

@@ -57,6 +57,8 @@ def test_a_checkpoint_resumes_the_trial_where_it_was(tiny, tmp_path):
     result = run_trial(tiny, cfg, CAT, NEUTRAL, resumed, resume=resume)
     assert [r.step for r in resumed.reports] == [4] and result.steps_done == 4
     assert [row["step"] for row in result.history] == [2, 4]  # the first run's row, then the resumed one's
+    whole = run_trial(tiny, cfg, CAT, NEUTRAL, Recorder())  # no interruption: the same masks, bit for bit
+    assert all(torch.equal(whole.masks.snapshot()[k], v) for k, v in result.masks.snapshot().items())
 
 
 def test_a_failing_trial_tells_its_reporter_and_raises(tiny, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 COMMANDS = ("sweep", "promote", "masks", "train", "eval", "graph", "sites", "bench", "plan")
@@ -28,30 +29,72 @@ EXAMPLES = """examples (the toy world is the default model):
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The whole parser, or with `command` the full parser of that subcommand alone and the others
+    by name and one line (what `erase --help` shows): building a subcommand's flags imports torch,
+    which `erase --help` and `erase --version` should not wait for."""
+    from erase import __version__
+
     parser = argparse.ArgumentParser(
         prog="erase", description="Minimalist concept erasure: learn sparse neuron masks that remove a concept "
         "from a frozen flow-matching text-to-image model.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"erase {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"erase.cli.{name}").add(subparsers)
+        module = importlib.import_module(f"erase.cli.{name}")
+        if command in ("*", name):
+            module.add(subparsers)
+        else:
+            subparsers.add_parser(name, help=module.__doc__.strip().partition("\n")[0], add_help=False)
     return parser
 
 
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named in `argv` (the first word that is one), or None."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        args = build_parser(chosen_command(argv)).parse_args(argv)
+        quiet_libraries()
+        return args.run(args)
+    except BaseException as err:
+        return exit_code(err)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def interrupted(signum, frame):
+    """Ctrl-C: remember it (an interrupt inside an import can surface as another error, e.g. a
+    RecursionError from numpy's import under diffusers), then interrupt as Python does."""
+    global INTERRUPTED
+    INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
+INTERRUPTED = False
+
+
+def exit_code(err: BaseException) -> int:
+    """What an exception ending the command prints and returns: bad input (erase.errors.EraseError)
+    one line and 2; Ctrl-C one line and 130; a SystemExit its own code; anything else is a bug and
+    keeps its traceback (exit 1)."""
     from erase.errors import EraseError
 
-    args = build_parser().parse_args(argv)
-    quiet_libraries()
-    try:
-        return args.run(args)
-    except EraseError as err:  # bad input: one line; anything else is a bug and keeps its traceback (exit 1)
+    if isinstance(err, SystemExit):
+        raise err
+    if isinstance(err, KeyboardInterrupt) or INTERRUPTED:
+        detail = str(err) if isinstance(err, KeyboardInterrupt) else ""
+        print(f"erase: interrupted{': ' + detail if detail else ''}", file=sys.stderr)
+        return 130
+    if isinstance(err, EraseError):
         print(f"erase: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
-        print(f"erase: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
-        return 130
+    raise err
 
 
 def quiet_libraries() -> None:

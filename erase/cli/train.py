@@ -3,12 +3,17 @@
 Learn masks that erase --concept, backpropagating the MCE loss through every sampling step
 (step-wise checkpointed). A run's settings come, each over the ones before, from the paper's
 defaults (Table 6), the model's recipe defaults, --recipe, --config and the flags below.
+
+Ctrl-C saves the last logged mask (one is logged every 10 steps) at MASK and a resume point
+in MASK.resume/; the same command with --resume MASK.resume continues where it stopped
+and ends with the mask of an uninterrupted run, to within float rounding.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 from erase.cli.common import add_model_args, add_parser, add_run_args, output_path
@@ -38,6 +43,8 @@ def add(subparsers) -> None:
                    "docs/method.md)")
     config.add_flags(p)
     p.add_argument("--tracking-uri", help="also log the run to MLflow (e.g. sqlite:///mlflow.db or http://host:5000)")
+    p.add_argument("--resume", metavar="FOLDER", help="continue an interrupted run from the resume point Ctrl-C left "
+                   "(MASK.resume); give the same settings and prompts it ran with")
     p.add_argument("--json", action="store_true", help="print the metrics JSON instead of a summary")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -59,23 +66,63 @@ def run(args) -> int:
     out = output_path(args.out or f"{args.model}-{'-'.join(args.concept.split())}.safetensors".replace("/", "_"),
                       "--out")
     metrics_path = output_path(args.metrics or os.path.splitext(out)[0] + ".json", "--metrics")
+    resume = resume_point(args.resume, cfg, erase_prompts, neutral) if args.resume else None
     logger = None
     if args.tracking_uri:
         logger = train_run(args.tracking_uri, args.model, cfg, erase_prompts, neutral,
                            run_name=f"train-{os.path.basename(out)}", fingerprint=fingerprint(mask_sites(args.model)))
     reporter = LocalReporter(out, metrics_path, model=args.model, logger=logger)
     gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
-    result = run_trial(gen, cfg, erase_prompts, neutral, reporter, progress=not args.quiet)
+    try:
+        result = run_trial(gen, cfg, erase_prompts, neutral, reporter, progress=not args.quiet, resume=resume)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_message(reporter, args)) from None
     metrics = reporter.metrics
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
         print_summary(result, metrics, out, metrics_path)
+    if args.resume and result.status == "finished":
+        shutil.rmtree(args.resume)  # the run is whole again: its resume point is spent
     if result.status != "finished":
         print(f"erase: training {result.status}; the last good mask (after step {result.steps_done}) is saved at "
               f"{out}", file=sys.stderr)
         return 1
     return 0
+
+
+def resume_point(folder: str, cfg, erase_prompts: list, neutral: list) -> dict:
+    """The resume point in `folder`, checked against this run: the same settings and prompt sets."""
+    from erase.errors import EraseError
+    from erase.masks import read_mask_metadata
+    from erase.trial import MASK_FILE, read_checkpoint, reproduction_record
+
+    if not os.path.isdir(folder) or not os.path.exists(os.path.join(folder, MASK_FILE)):
+        raise EraseError(f"--resume {folder!r} is not a resume point; an interrupted `erase train` leaves one "
+                         "beside its mask, named MASK.resume")
+    point, _ = read_checkpoint(folder)
+    saved = json.loads(read_mask_metadata(os.path.join(folder, MASK_FILE))["extra"])["reproduce"]
+    now = reproduction_record(cfg, erase_prompts, neutral)
+    changed = sorted(key for key in set(saved["config"]) | set(now["config"])
+                     if saved["config"].get(key) != now["config"].get(key))
+    if changed:
+        raise EraseError("--resume: this run's settings differ from the interrupted run's in "
+                         + ", ".join(f"{k} ({saved['config'].get(k)!r} then, {now['config'].get(k)!r} now)" for k in changed)
+                         + "; give the flags and --config it ran with")
+    if saved["prompts_sha"] != now["prompts_sha"]:
+        raise EraseError("--resume: the prompt sets differ from the interrupted run's; give the --prompts and "
+                         "--neutral-prompts it ran with")
+    return point
+
+
+def interrupted_message(reporter, args) -> str:
+    from erase.trial import resume_folder
+
+    if reporter.latest is None:
+        return "nothing saved: no step was logged yet (one is logged every 10 steps)"
+    folder = resume_folder(reporter.mask_path)
+    return (f"the mask after step {reporter.latest.step} is saved at {reporter.mask_path}; continue with the same "
+            f"command and --resume {folder}")
 
 
 def print_summary(result, metrics: dict, out: str, metrics_path: str) -> None:
