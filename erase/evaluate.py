@@ -226,7 +226,7 @@ def rows_from_sets(sets: dict[str, dict[str, list[str]]], seeds_per_prompt: int 
 def evaluation_rows(model: str, concept: str | None, seeds_per_prompt: int = 2, *, split: str = "test",
                     prompts: list[str] | None = None, neutral: list[str] | None = None,
                     rephrase: list[str] | None = None, adversarial: dict[str, list[str]] | None = None,
-                    files: dict[str, str] | None = None) -> list[dict]:
+                    files: dict[str, str] | None = None, max_prompts: int | None = None) -> list[dict]:
     """A model's evaluation rows for `concept` (None: every concept, plainly): the model's own sets
     of `split` (erase.pipelines; "validation" is what a sweep selects on, "test" what erase eval
     reports), with the user's prompt lists in place of the parts they name (the erased concept's
@@ -234,11 +234,15 @@ def evaluation_rows(model: str, concept: str | None, seeds_per_prompt: int = 2, 
 
     Every row names its set in "split": "<model>:<split>" for the model's own, "<model>:own" for
     a model without splits (its own set may be what it trains on), or "file:<path>" for the user's
-    lists, with the paths in `files` {"prompts", "neutral", "rephrase"}."""
+    lists, with the paths in `files` {"prompts", "neutral", "rephrase"}. `max_prompts`: at most
+    that many prompts of each list (every concept's, the neutral, each adversarial set), spread
+    evenly over it: a quick evaluation, whose intervals say how little it saw."""
     from erase.pipelines import model as model_entry
 
     if seeds_per_prompt < 1:
         raise EraseError(f"seeds per prompt must be at least 1, got {seeds_per_prompt}")
+    if max_prompts is not None and max_prompts < 1:
+        raise EraseError(f"--max-prompts must be at least 1, got {max_prompts}")
     if concept is None and (prompts or rephrase):
         raise EraseError("concept and rephrased prompts are the erased concept's: name the concept (--concept)")
     entry, files = model_entry(model), files or {}
@@ -256,10 +260,17 @@ def evaluation_rows(model: str, concept: str | None, seeds_per_prompt: int = 2, 
                 sets[kind] = {}
             sets[kind].pop(key, None)
             replaced[(kind, key)] = (list(values), f"file:{files.get(name, 'given list')}")
+    def capped(values: list) -> list:
+        if max_prompts is None or len(values) <= max_prompts:
+            return list(values)
+        return [values[i * len(values) // max_prompts] for i in range(max_prompts)]
+
+    sets = {kind: {key: capped(values) for key, values in by_key.items()} for kind, by_key in sets.items()}
     rows = rows_from_sets(sets, seeds_per_prompt, split=own)
     for (kind, key), (values, name) in replaced.items():
-        rows += rows_from_sets({kind: {key: values}}, seeds_per_prompt, first_seed=1_500_000 + len(rows), split=name)
-    attacks = {f"adversarial:{name}": {concept or "": list(p)} for name, p in (adversarial or {}).items()}
+        rows += rows_from_sets({kind: {key: capped(values)}}, seeds_per_prompt, first_seed=1_500_000 + len(rows),
+                               split=name)
+    attacks = {f"adversarial:{name}": {concept or "": capped(p)} for name, p in (adversarial or {}).items()}
     return rows + rows_from_sets(attacks, seeds_per_prompt, first_seed=2_000_000, split="adversarial")
 
 

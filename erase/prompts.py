@@ -105,6 +105,31 @@ def prompt_sets(model: str, concept: str, *, prompts: str | None = None, neutral
     erase_prompts, neutral_prompts = model_entry(model).prompt_sets(concept)
     if prompts:
         erase_prompts = read_prompts(prompts, "concept prompt", column)
+        warn_unknown_words(model, erase_prompts, f"--prompts {prompts}")
     if neutral:
         neutral_prompts = read_prompts(neutral, "neutral prompt", column)
+        warn_unknown_words(model, neutral_prompts, f"--neutral-prompts {neutral}")
     return erase_prompts, neutral_prompts
+
+
+def warn_unknown_words(model: str, prompts: list[str], source: str) -> None:
+    """A warning on stderr when the model's text encoder has no token for some words of the user's
+    prompts (the toy world knows its own few dozen words): such a prompt is generated, but from
+    'unknown' tokens, and one made only of them shows nothing it asks for."""
+    import sys
+
+    from erase.pipelines import model as model_entry
+
+    read_words = model_entry(model).read_words
+    if read_words is None:
+        return
+    read = {prompt: read_words(prompt) for prompt in prompts}
+    words = sorted({word for _, unknown in read.values() for word in unknown})
+    if not words:
+        return
+    blind = [prompt for prompt, (known, _) in read.items() if not known]
+    shown = ", ".join(map(repr, words[:12])) + (f" and {len(words) - 12} more" if len(words) > 12 else "")
+    print(f"erase: warning: {model} has no token for {shown} in {sum(bool(u) for _, u in read.values())} of "
+          f"{len(prompts)} prompts ({source}) and reads each as 'unknown'"
+          + (f"; {len(blind)} prompts (e.g. {blind[0]!r}) have no word it knows and show nothing they ask for"
+             if blind else "") + ". The README's toy-world section lists its words", file=sys.stderr)

@@ -57,10 +57,16 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
-def connect(uri: str | None = None) -> str:
+class NoStore(TrackingError):
+    """A command that only reads found no local store: nothing was tracked there yet."""
+
+
+def connect(uri: str | None = None, *, existing: bool = False) -> str:
     """Point MLflow at `uri` (default: the local SQLite store) and check that it answers; returns the URI.
 
     The URI is set process-wide: MLflow's `models:/` downloads use the global registry URI.
+    `existing`: a command that reads (masks list, masks show, promote) must find a local SQLite
+    store and not create one (NoStore).
     """
     quiet_mlflow()
     import mlflow
@@ -75,6 +81,10 @@ def connect(uri: str | None = None) -> str:
         if not os.path.isdir(folder):
             raise TrackingError(f"tracking database folder {folder!r} does not exist; create it or pick another "
                                 "--tracking-uri")
+        if existing and not os.path.exists(uri[len("sqlite:///"):]):
+            raise NoStore(f"no MLflow store at {uri[len('sqlite:///'):]}: nothing was tracked here yet. Run "
+                          "`erase sweep` (or `erase train --tracking-uri ...`) first, or point --tracking-uri or "
+                          "MLFLOW_TRACKING_URI at the store your runs are in")
     elif uri.startswith("file:") or "://" not in uri:
         raise TrackingError(f"tracking URI {uri!r}: MLflow 3 no longer keeps runs in a plain folder; use "
                             "sqlite:///PATH/mlflow.db (local) or http://HOST:PORT (an mlflow server)")
@@ -88,7 +98,7 @@ def connect_for(refs: list[str], uri: str | None = None) -> None:
     """Connect when a tracking URI is given or a mask reference is a registry or run URI (a plain
     file needs no MLflow, and a read of one creates no store)."""
     if uri or any(ref.startswith(("models:/", "runs:/")) for ref in refs):
-        connect(uri)
+        connect(uri, existing=True)
 
 
 def _check_server(uri: str, timeout: float = 5.0) -> None:

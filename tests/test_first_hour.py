@@ -129,3 +129,80 @@ def test_ctrl_c_mid_run_saves_the_mask_and_resume_ends_where_an_uninterrupted_ru
                             "--out", str(tmp_path / "x.safetensors"), "--resume", str(tmp_path)],
                            capture_output=True, text=True, env=ENV)
     assert other.returncode == 2 and "is not a resume point" in other.stderr
+
+
+def test_commands_that_read_the_registry_create_no_store(tmp_path, monkeypatch, capsys):
+    from erase.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["masks", "list"]) == 0
+    assert "no registered masks: no MLflow store at" in capsys.readouterr().out
+    for argv in (["masks", "show", "erase-toy-striped@production"], ["promote", "--concept", "striped"],
+                 ["masks", "apply", "models:/erase-toy-striped@production", "--prompt", "a red cross", "--out", "x.png"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "no MLflow store at" in err and "MLFLOW_TRACKING_URI" in err, (argv, err)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["a folder", "a read-only folder"])
+def test_an_out_that_cannot_be_written_fails_before_any_work(tmp_path, capsys, where):
+    from erase.cli import main
+
+    if where == "a folder":
+        out = tmp_path
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        out = locked / "m.safetensors"
+    started = time.process_time()
+    assert main(["train", "--concept", "striped", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("erase: error: --out") and "erase striped" not in err  # no training began
+    assert time.process_time() - started < 30  # a 200-step training takes minutes
+
+
+def test_sweep_dry_run_checks_the_space_and_prompts_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from erase.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("checked, nothing run: 1 study (striped)") and "search beta: loguniform" in out
+    (tmp_path / "bad.yaml").write_text("search:\n  beta: {distribution: loguniform, low: 0.1, high: 1}\n"
+                                       "fixed:\n  stepz: 10\n")
+    assert main(["sweep", "--dry-run", "--space", "bad.yaml"]) == 2
+    assert "'stepz' is not an erasure setting" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bad.yaml"]  # no Ray state, no MLflow store
+
+
+def test_max_prompts_makes_an_evaluation_small_and_spreads_over_each_set():
+    from erase.evaluate import evaluation_rows
+
+    full = evaluation_rows("toy", "striped", 1)
+    quick = evaluation_rows("toy", "striped", 1, max_prompts=2)
+    assert len(quick) < 60 < len(full)
+    for kind in {(r["kind"], r["concept"]) for r in full}:
+        prompts = [r["prompt"] for r in full if (r["kind"], r["concept"]) == kind]
+        picked = [r["prompt"] for r in quick if (r["kind"], r["concept"]) == kind]
+        assert len(picked) == min(2, len(prompts)) and set(picked) <= set(prompts)
+        if len(prompts) > 2:
+            assert picked[0] == prompts[0] and picked[1] == prompts[len(prompts) // 2]  # spread, not the first two
+
+
+def test_prompts_the_toy_model_cannot_read_are_warned_about(tmp_path, capsys):
+    from erase.prompts import prompt_sets
+
+    path = tmp_path / "p.txt"
+    path.write_text("zorp blarg\na striped red cross\n")
+    prompts, _ = prompt_sets("toy", "striped", prompts=str(path))
+    err = capsys.readouterr().err
+    assert prompts == ["zorp blarg", "a striped red cross"]
+    assert err.startswith("erase: warning: toy has no token for 'blarg', 'zorp' in 1 of 2 prompts")
+    assert "1 prompts (e.g. 'zorp blarg') have no word it knows" in err
+    path.write_text("a striped red cross\n")
+    prompt_sets("toy", "striped", prompts=str(path))
+    assert capsys.readouterr().err == ""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from erase.cli.common import add_model_args, add_parser, comma_list, number, progress_printer, ray_output_off_stdout
+from erase.cli.common import TRACKING_URI_HELP, add_model_args, add_parser, comma_list, number, progress_printer, ray_output_off_stdout
 
 
 def add(subparsers) -> None:
@@ -55,7 +55,7 @@ def add(subparsers) -> None:
     p.add_argument("--lrs", default="0.5,1.0", help="with --search: the grid's learning rates (lr_ffn = lr_norm)")
     p.add_argument("--trials", type=int, default=10, help="with --search: the sweep's trials")
     p.add_argument("--storage", default="erase-sweeps", help="with --search: the sweep's state folder")
-    p.add_argument("--tracking-uri", help="with --search: MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--tracking-uri", help="with --search: " + TRACKING_URI_HELP)
     p.add_argument("--train-steps", type=int, help="optimisation steps per erasure (default: the recipe's, "
                    "200 for the toy world, with --targets; 100 with --search)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (the step benchmark: a list `rows` "

@@ -9,6 +9,10 @@ import sys
 import time
 
 
+TRACKING_URI_HELP = ("MLflow tracking and registry URI, e.g. http://host:5000 (default: $MLFLOW_TRACKING_URI, "
+                     "else sqlite:///./mlflow.db with artifacts in ./mlartifacts)")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Each flag's default after its help, once: not when the help states it already, nor when it is
     None or False (an absent value or an off switch says nothing)."""
@@ -68,6 +72,8 @@ def output_path(path: str | None, flag: str) -> str | None:
             raise EraseError(f"output folder {folder!r} does not exist; create it or choose another {flag}")
         if os.path.isdir(path):
             raise EraseError(f"{flag} {path!r} is a folder; name a file")
+        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise EraseError(f"{flag} {path!r} cannot be written (no permission); choose another place")
     return path
 
 

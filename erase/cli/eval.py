@@ -37,6 +37,9 @@ def add(subparsers) -> None:
     p.add_argument("--split", choices=("test", "validation"), default="test", help="which of the model's own prompt "
                    "splits to evaluate on (the toy world's: never trained on; a sweep selects on validation)")
     p.add_argument("--seeds-per-prompt", type=int, default=2, help="fixed seeds per prompt")
+    p.add_argument("--max-prompts", type=int, metavar="N", help="a quick look: at most N prompts of each set (each "
+                   "concept's, the neutral, each adversarial set), spread over it; the intervals widen to match "
+                   "(default: every prompt)")
     p.add_argument("--sampling-steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--attack-prompts", type=int, default=8, help="concept prompts the white-box attack tries (0: none)")
     p.add_argument("--attack-steps", type=int, default=20, help="the attack's budget: optimisation steps")
@@ -50,7 +53,8 @@ def add(subparsers) -> None:
     p.add_argument("--grid", metavar="PNG", help="with --mask: base and masked generations side by side")
     p.add_argument("--report", metavar="HTML", help="with --mask: a self-contained HTML report (figures and grids)")
     p.add_argument("--out", metavar="JSON", help="also write the report to this file")
-    p.add_argument("--tracking-uri", help="log the report to MLflow (to the mask's run when it came from the registry)")
+    p.add_argument("--tracking-uri", help="log the report to MLflow at this URI (to the mask's run when it came from the "
+                   "registry); a models:/ or runs:/ --mask reads this, else $MLFLOW_TRACKING_URI, else ./mlflow.db")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 
@@ -111,7 +115,7 @@ def _rows(args, concept):
     from erase.data import read_adversarial
     from erase.errors import EraseError
     from erase.evaluate import evaluation_rows
-    from erase.prompts import read_prompts
+    from erase.prompts import read_prompts, warn_unknown_words
 
     adversarial = {}
     for item in args.adversarial or []:
@@ -121,13 +125,17 @@ def _rows(args, concept):
         adversarial[name] = read_adversarial(name, path, min_nudity=args.min_nudity)
 
     def read(path, what):
-        return read_prompts(path, what, args.prompt_column) if path else None
+        if not path:
+            return None
+        prompts = read_prompts(path, what, args.prompt_column)
+        warn_unknown_words(args.model, prompts, path)
+        return prompts
 
     return evaluation_rows(args.model, concept, args.seeds_per_prompt, split=args.split,
                            prompts=read(args.prompts, "concept prompt"), neutral=read(args.neutral_prompts, "neutral prompt"),
                            rephrase=read(args.rephrase_prompts, "rephrase prompt"), adversarial=adversarial,
                            files={"prompts": args.prompts, "neutral": args.neutral_prompts,
-                                  "rephrase": args.rephrase_prompts})
+                                  "rephrase": args.rephrase_prompts}, max_prompts=args.max_prompts)
 
 
 def _evaluate(args, settings, rows):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from erase.cli.common import add_model_args, add_parser, comma_list, progress_printer, ray_output_off_stdout
+from erase.cli.common import TRACKING_URI_HELP, add_model_args, add_parser, comma_list, progress_printer, ray_output_off_stdout
 
 
 def add(subparsers) -> None:
@@ -20,7 +20,7 @@ def add(subparsers) -> None:
     p.add_argument("--space", default="concept_graph", help="settings of every erasure (a space file)")
     p.add_argument("--address", help="Ray cluster to use (default: start a local Ray)")
     p.add_argument("--storage", default="erase-sweeps", help="folder for the sweep's state")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     p.add_argument("--seeds-per-prompt", type=int, default=2, help="evaluation seeds per prompt")
     p.add_argument("--out-dir", default="concept-graph", help="folder for graph.json, graph.md and graph.png")
     p.add_argument("--json", action="store_true", help="print graph.json's content")

@@ -9,23 +9,20 @@ from __future__ import annotations
 import json
 import os
 
-from erase.cli.common import add_model_args, add_parser, add_run_args, comma_list, output_path
-
-REGISTRY_URI_HELP = "MLflow tracking/registry URI (default: sqlite:///./mlflow.db)"
-
+from erase.cli.common import TRACKING_URI_HELP, add_model_args, add_parser, add_run_args, comma_list, output_path
 
 def add(subparsers) -> None:
     p = add_parser(subparsers, "masks", __doc__)
     actions = p.add_subparsers(dest="masks_command", metavar="ACTION", required=True)
 
     q = add_parser(actions, "list", run_list.__doc__)
-    q.add_argument("--tracking-uri", help=REGISTRY_URI_HELP)
+    q.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     q.add_argument("--json", action="store_true", help="print the list as JSON")
     q.set_defaults(run=run_list)
 
     q = add_parser(actions, "show", run_show.__doc__)
     q.add_argument("ref", help="e.g. erase-toy-circle@production or erase-toy-circle/3")
-    q.add_argument("--tracking-uri", help=REGISTRY_URI_HELP)
+    q.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     q.add_argument("--json", action="store_true", help="print the version as JSON")
     q.set_defaults(run=run_show)
 
@@ -37,7 +34,7 @@ def add(subparsers) -> None:
     q.add_argument("--seeds", default="0", help="noise seeds, comma-separated")
     q.add_argument("--sampling-steps", type=int, help="sampling steps (default: the model's)")
     q.add_argument("--compare", action="store_true", help="add a row with the base model's images")
-    q.add_argument("--tracking-uri", help=REGISTRY_URI_HELP)
+    q.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     add_model_args(q)
     add_run_args(q)
     q.add_argument("--json", action="store_true", help="print what was applied as JSON")
@@ -62,9 +59,13 @@ def run_list(args) -> int:
     List the MLflow registry's masks (registered models named erase-<model>-<concept>).
     """
     from erase import registry
-    from erase.tracking import connect
+    from erase.tracking import NoStore, connect
 
-    connect(args.tracking_uri)
+    try:
+        connect(args.tracking_uri, existing=True)
+    except NoStore as err:
+        print("[]" if args.json else f"no registered masks: {err}")
+        return 0
     rows = registry.list_masks()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -88,7 +89,7 @@ def run_show(args) -> int:
     from erase import registry
     from erase.tracking import connect
 
-    connect(args.tracking_uri)
+    connect(args.tracking_uri, existing=True)
     info = registry.show(args.ref)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -113,6 +114,7 @@ def run_apply(args) -> int:
     from erase.evaluate import generate, save_image_grid
     from erase.masks import fold_into_weights
     from erase.pipelines import load_generator
+    from erase.prompts import warn_unknown_words
     from erase.registry import load_masks
     from erase.tracking import connect_for
 
@@ -123,6 +125,7 @@ def run_apply(args) -> int:
     if not seeds:
         raise EraseError(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     output_path(args.out, "--out")
+    warn_unknown_words(args.model, args.prompt, "--prompt")
     connect_for(args.masks, args.tracking_uri)
     sites, combined, applied = load_masks(args.masks, args.model)
     gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)

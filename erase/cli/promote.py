@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from erase.cli.common import add_model_args, add_parser
+from erase.cli.common import TRACKING_URI_HELP, add_model_args, add_parser
 
 
 def add(subparsers) -> None:
@@ -24,7 +24,7 @@ def add(subparsers) -> None:
     p.add_argument("--max-erasure-rate", type=float, help="override the gate")
     p.add_argument("--min-preservation", type=float, help="override the gate")
     p.add_argument("--force", action="store_true", help="promote even if the gates fail (recorded on the version)")
-    p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: sqlite:///./mlflow.db)")
+    p.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(run=run)
 
@@ -33,7 +33,7 @@ def run(args) -> int:
     from erase import registry
     from erase.tracking import connect
 
-    connect(args.tracking_uri)
+    connect(args.tracking_uri, existing=True)
     gates = registry.load_gates(args.gates, max_erasure_rate=args.max_erasure_rate,
                                 min_preservation=args.min_preservation)
     done = registry.promote(args.model, args.concept, sweep=args.sweep, metric=args.metric, alias=args.alias,

@@ -7,6 +7,8 @@ toy world) whether or not one is up yet, so an autoscaling cluster scales up for
 trial is an MLflow run. With no flags: a small sweep of the toy world's 'striped' on a local
 Ray. Ctrl-C stops cleanly; --resume ID continues without losing finished trials. On a
 cluster: --address auto, --storage on shared storage or a URI (README, "Run on a cluster").
+--dry-run checks the concepts, the space and the prompt files and says what would run, without
+starting Ray.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def add(subparsers) -> None:
                    "study, the best mask): a local folder (default: --storage when it is a folder, else "
                    "./erase-sweeps)")
     p.add_argument("--resume", metavar="SWEEP_ID", help="continue an interrupted sweep (its saved settings are used)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db with ./mlartifacts)")
+    p.add_argument("--tracking-uri", help=common.TRACKING_URI_HELP)
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (>1: data-parallel)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each Train worker reserves")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs each trial asks Ray for, shared among its workers, "
@@ -54,7 +56,9 @@ def add(subparsers) -> None:
     p.add_argument("--prompt-column", default="prompt", help="column holding the prompts in table files")
     common.add_detector_args(p, "for the trials' figures")
     common.add_run_args(p, device=False)  # a trial's device is its worker's: a GPU where the cluster has them
-    p.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    p.add_argument("--dry-run", action="store_true", help="check the concepts, the space file and the prompt files, "
+                   "print what would run, and stop (no Ray, no MLflow, nothing written)")
+    p.add_argument("--json", action="store_true", help="print the summaries (with --dry-run: the plan) as JSON")
     p.set_defaults(run=run)
 
 
@@ -72,6 +76,8 @@ def run(args) -> int:
                  report_every=args.report_every, grace_steps=args.grace_steps, prompts=args.prompts,
                  neutral_prompts=args.neutral_prompts, eval_prompts=args.eval_prompts, prompt_column=args.prompt_column,
                  detector=detector)
+    if args.dry_run:
+        return print_plan(specs, args.json)
     if not args.json:
         print(f"sweep {specs[0].sweep_id}: {len(specs)} stud{'y' if len(specs) == 1 else 'ies'} "
               f"({', '.join(s.concept for s in specs)}), space {specs[0].space}, {specs[0].trials} trials each; "
@@ -92,6 +98,34 @@ def run(args) -> int:
     if no_trial_finished(summaries):
         return 1
     print(f"\npromote the best with: erase promote --concept {summaries[0]['concept']} --sweep {specs[0].sweep_id}")
+    return 0
+
+
+def print_plan(specs, as_json: bool) -> int:
+    """--dry-run: the studies, the space's searched and fixed settings, and the prompt sets, all checked."""
+    from erase import config
+    from erase.spaces import load_space
+
+    space = load_space(specs[0].space, config.FILE_KEYS)
+    first = specs[0]
+    prompts = {"prompts": first.prompts, "neutral_prompts": first.neutral_prompts, "eval_prompts": first.eval_prompts}
+    plan = {"concepts": [s.concept for s in specs], "model": first.model, "trials_per_concept": first.trials,
+            "space": space.path, "search": space.search, "fixed": space.fixed,
+            "prompt_files": {k: v for k, v in prompts.items() if v}, "detector": first.detector}
+    if as_json:
+        print(json.dumps(plan, indent=2, default=str))
+        return 0
+    print(f"checked, nothing run: {len(specs)} stud{'y' if len(specs) == 1 else 'ies'} ({', '.join(plan['concepts'])}) "
+          f"on {first.model}, {first.trials} trials each, space {space.path}")
+    for key, spec in space.search.items():
+        bounds = spec.get("choices") or [spec.get("low"), spec.get("high")]
+        print(f"  search {key}: {spec['distribution']} {bounds}")
+    for key, value in space.fixed.items():
+        print(f"  fixed  {key}: {value}")
+    for key, path in plan["prompt_files"].items():
+        print(f"  --{key.replace('_', '-')} {path}: readable, not empty")
+    if not plan["prompt_files"]:
+        print(f"  prompts: the model's own sets (training, validation and test splits)")
     return 0
 
 

@@ -42,7 +42,8 @@ def add(subparsers) -> None:
                    "(FLUX.1: paper, the paper's Table 6; reference, the reference code's configs/flux.yaml; "
                    "docs/method.md)")
     config.add_flags(p)
-    p.add_argument("--tracking-uri", help="also log the run to MLflow (e.g. sqlite:///mlflow.db or http://host:5000)")
+    p.add_argument("--tracking-uri", help="also log the run to MLflow at this URI, e.g. sqlite:///mlflow.db or http://host:5000 (default: "
+                   "no MLflow run; $MLFLOW_TRACKING_URI is not read here)")
     p.add_argument("--resume", metavar="FOLDER", help="continue an interrupted run from the resume point Ctrl-C left "
                    "(MASK.resume); give the same settings and prompts it ran with")
     p.add_argument("--json", action="store_true", help="print the metrics JSON instead of a summary")

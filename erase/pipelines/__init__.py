@@ -99,6 +99,8 @@ class ModelEntry:
     # a concept -> every phrase that names it (synonyms, descriptions), which the adaptive target's
     # candidates replace; None: the concept's own words only
     phrasings: Callable[[str], list[str]] | None = None
+    # a prompt -> (the words its text encoder has a token for, the ones it has not); None: it reads any text
+    read_words: Callable[[str], tuple[list[str], list[str]]] | None = None
     sweep_concepts: tuple[str, ...] = ()  # what `erase sweep` erases when no --concepts are given
     graph_concepts: tuple[str, ...] = ()  # what `erase graph` erases when no --concepts are given
     concept_graph: str | None = None  # a concept graph (graph.json) made on this model's weights

@@ -59,6 +59,19 @@ RECIPE_DEFAULTS = {"beta": 0.25, "steps": 200, "noises_per_prompt": 4}
 BETA_BY_ATTRIBUTE = {"colour": 2.0, "object": 0.1, "background": 0.1}
 
 
+def prompt_words(prompt: str) -> list[str]:
+    """The words the toy text encoder reads a prompt as: lower case, commas as spaces."""
+    return prompt.lower().replace(",", " ").split()
+
+
+def read_words(prompt: str) -> tuple[list[str], list[str]]:
+    """(known, unknown): the words of `prompt` the toy text encoder has a token for, and the ones it
+    reads as 'unknown'."""
+    vocabulary = set(world.vocabulary())
+    words = prompt_words(prompt)
+    return [w for w in words if w in vocabulary], [w for w in words if w not in vocabulary]
+
+
 class ToyTextEncoder(nn.Module):
     """Word-level tokens -> a small Transformer; returns per-token embeddings and a (zero) pooled vector."""
 
@@ -77,7 +90,7 @@ class ToyTextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         ids = torch.zeros(len(prompts), self.max_len, dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            words = prompt.lower().replace(",", " ").split()[: self.max_len - 1]
+            words = prompt_words(prompt)[: self.max_len - 1]
             ids[row, 0] = 2
             for col, word in enumerate(words, start=1):
                 ids[row, col] = self.index.get(word, 1)
@@ -369,7 +382,7 @@ ENTRY = ModelEntry(
     description="the toy world that ships with the project: 16x16 shapes, trained weights included (the default)",
     load=_load, meta_transformer=meta_transformer, mask_sites=flux_mask_sites, prompt_sets=prompt_sets,
     eval_sets=eval_sets, splits=world.SPLITS, recipe_defaults=recipe_defaults, detector={"name": "toy"}, vocabulary=vocabulary,
-    phrasings=phrasings,
+    phrasings=phrasings, read_words=read_words,
     sweep_concepts=("striped",),  # the concept its masks erase best (README, "The toy world")
     graph_concepts=world.OBJECTS,
     concept_graph=os.path.join(WEIGHTS_DIR, "concept_graph.json"),
