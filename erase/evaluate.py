@@ -439,19 +439,22 @@ def _png(image: np.ndarray, scale: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def grid_rows(rows: list[dict], concept: str, per_row: int = 8) -> list[tuple[str, list[np.ndarray]]]:
-    """Before/after rows: prompts naming the concept, then prompts of other concepts."""
+def grid_rows(rows: list[dict], concept: str, per_row: int = 8) -> list[tuple[str, list[np.ndarray], list[str]]]:
+    """Before/after rows (label, images, each image's prompt): prompts naming the concept, then
+    prompts of other concepts."""
     named = [r for r in rows if r["kind"] == "concept" and r["concept"] == concept]
     named = named[:: max(1, len(named) // per_row)][:per_row]
     others = [r for r in rows if r["kind"] == "concept" and r["concept"] != concept]
     others = others[:: max(1, len(others) // per_row)][:per_row]
-    out = [(f"'{concept}' prompts, base", [r["base"] for r in named]),
-           (f"'{concept}' prompts, masked", [r["masked"] for r in named]),
-           ("other concepts, base", [r["base"] for r in others]),
-           ("other concepts, masked", [r["masked"] for r in others])]
+
+    def row(label, chosen, which):
+        return label, [r[which] for r in chosen], [r["prompt"] for r in chosen]
+
+    out = [row(f"'{concept}' prompts, base", named, "base"), row(f"'{concept}' prompts, masked", named, "masked"),
+           row("other concepts, base", others, "base"), row("other concepts, masked", others, "masked")]
     rephrased = [r for r in rows if r["kind"] == "rephrase"][:per_row]
     if rephrased:
-        out.append(("rephrased, masked", [r["masked"] for r in rephrased]))
+        out.append(row("rephrased, masked", rephrased, "masked"))
     return out
 
 
@@ -459,7 +462,7 @@ def save_image_grid(rows: list[tuple[str, list[np.ndarray]]], path: str, scale: 
     """A PNG: one labelled row of images (uint8 HWC) per entry, each image enlarged `scale` times."""
     from PIL import Image, ImageDraw
 
-    rows = [(label, images) for label, images in rows if len(images)]
+    rows = [(label, images) for label, images, *_prompts in rows if len(images)]
     size = rows[0][1][0].shape[0] * scale
     pad = 4
     columns = max(len(images) for _, images in rows)
@@ -475,6 +478,10 @@ def save_image_grid(rows: list[tuple[str, list[np.ndarray]]], path: str, scale: 
 
 
 def _figure_cell(value) -> str:
+    if isinstance(value, dict) and "skipped" in value:
+        return f"<small>not measured: {html.escape(str(value['skipped']))}</small>"
+    if isinstance(value, dict) and "base" in value and "masked" in value:
+        return f"base {_figure_cell(value['base'])}; masked {_figure_cell(value['masked'])}"
     if isinstance(value, dict) and "value" in value:
         if value["value"] is None:
             return "n/a"
@@ -486,11 +493,17 @@ def _figure_cell(value) -> str:
     return html.escape(str(value))
 
 
-def html_report(report: dict, grids: dict[str, list[tuple[str, list[np.ndarray]]]], path: str, scale: int = 4) -> None:
-    """One self-contained HTML file: the figures as a table, then before/after grids (images inline)."""
+def html_report(report: dict, grids: dict[str, list[tuple]], path: str, scale: int = 4, *,
+                verdict: dict | None = None, training: dict | None = None) -> None:
+    """One self-contained HTML file: the verdict against the promotion gates, the figures, how the
+    mask was trained, then before/after grids whose tiles carry their prompts (images inline).
+
+    `verdict`: {"failed": [reasons], "gates": {...}}; `training`: the mask's settings and status.
+    Grid rows are (label, images) or (label, images, prompts)."""
     keys = ["erasure_rate", "base_rate", "preservation", "neutral_fidelity", "rephrase_erasure_rate",
             "robust_erasure_rate", "attack_success_rate", "clip_score", "fid"] + [k for k in report if k.startswith("adversarial/")]
-    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{_figure_cell(report[k])}</td></tr>" for k in keys if k in report)
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{_figure_cell(report[k])}</td>"
+                    f"<td>{html.escape(_split_name(report[k]))}</td></tr>" for k in keys if k in report)
     detection = report.get("detection", {})
     base = report.get("base_detection", {})
     det_rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{base.get(c, float('nan')):.3f}</td><td>{v:.3f}</td></tr>"
@@ -498,24 +511,63 @@ def html_report(report: dict, grids: dict[str, list[tuple[str, list[np.ndarray]]
     sections = []
     for title, rows in grids.items():
         body = []
-        for label, images in rows:
-            tiles = "".join(f'<img alt="{html.escape(label)}" src="data:image/png;base64,{_png(im, scale)}">' for im in images)
+        for label, images, *prompts in rows:
+            captions = prompts[0] if prompts else [""] * len(images)
+            tiles = "".join(f'<figure><img alt="{html.escape(c)}" title="{html.escape(c)}" '
+                            f'src="data:image/png;base64,{_png(im, scale)}"><figcaption>{html.escape(c)}</figcaption>'
+                            f'</figure>' for im, c in zip(images, captions))
             body.append(f'<div class="row"><span class="label">{html.escape(label)}</span>{tiles}</div>')
         sections.append(f"<h2>{html.escape(title)}</h2>" + "".join(body))
-    meta = {k: report[k] for k in ("model", "mask", "concept", "steps", "guidance", "detector") if k in report}
+    about = {k: report[k] for k in ("model", "mask", "concept", "generations", "steps", "guidance", "detector")
+             if k in report}
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>erase report: {html.escape(str(report.get('concept', 'base model')))}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1em}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}} .row{{display:flex;align-items:center;margin:4px 0}}
-.label{{width:14em;font-size:90%}} img{{margin-right:4px;image-rendering:pixelated}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}} .row{{display:flex;align-items:flex-start;margin:4px 0}}
+.label{{width:12em;font-size:90%}} figure{{margin:0 4px 0 0;width:{16 * scale + 8}px}} img{{image-rendering:pixelated}}
+figcaption{{font-size:70%;color:#444}} .verdict{{font-size:120%;padding:.5em 1em;border-radius:4px}}
+.pass{{background:#e3f4e1}} .fail{{background:#fbe3e1}} code{{font-size:85%}}</style></head><body>
 <h1>Erasure report: {html.escape(str(report.get('concept', 'base model')))}</h1>
-<pre>{html.escape(_json(meta))}</pre>
-<h2>Figures (95% intervals)</h2><table>{table}</table>
+{_verdict_html(report, verdict)}
+<h2>Figures (95% intervals)</h2><table><tr><th>figure</th><th>value</th><th>prompt set</th></tr>{table}</table>
+{_settings_html("How it was trained", training)}
+{_settings_html("This evaluation", about)}
 <h2>Detection rate per concept</h2><table><tr><th>concept</th><th>base</th><th>now</th></tr>{det_rows}</table>
 {''.join(sections)}
 </body></html>"""
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
+
+
+def _split_name(value) -> str:
+    return str((value.get("split") or {}).get("name", "")) if isinstance(value, dict) else ""
+
+
+def _verdict_html(report: dict, verdict: dict | None) -> str:
+    if verdict is None:
+        return ""
+    gates = ", ".join(f"{k} {v:g}" for k, v in verdict["gates"].items())
+    split = html.escape(_split_name(report.get("erasure_rate")))
+    measured = ", ".join(f"{key} {_figure_cell(report[key])}" for key in ("erasure_rate", "preservation") if key in report)
+    split = f"{split}: {measured}" if measured else split
+    if verdict["failed"]:
+        reasons = "; ".join(verdict["failed"])
+        return (f'<p class="verdict fail"><b>Fails the promotion gates</b> ({html.escape(gates)}) on '
+                f'{split}. {html.escape(reasons)}</p>')
+    return f'<p class="verdict pass"><b>Passes the promotion gates</b> ({html.escape(gates)}) on {split}</p>'
+
+
+def _settings_html(title: str, values: dict | None) -> str:
+    """A two-column table of settings: nested values as compact JSON, not Python reprs."""
+    if not values:
+        return ""
+    import json
+
+    def cell(value):
+        return html.escape(value if isinstance(value, str) else json.dumps(value, default=str))
+
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td><code>{cell(v)}</code></td></tr>" for k, v in values.items())
+    return f"<h2>{html.escape(title)}</h2><table>{rows}</table>"
 
 
 def _json(value) -> str:

@@ -69,7 +69,7 @@ def run(args) -> int:
     attack_images = report.pop("_attack_images", None)
     if provenance:
         report["mask"] = provenance
-    pictures = _pictures(args, report, results, attack_images)
+    pictures = _pictures(args, report, results, attack_images, settings.mask)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
@@ -151,7 +151,7 @@ def _evaluate(args, settings, rows):
         return evaluate(settings, rows, run_stages=run_stages, progress=not args.json)
 
 
-def _pictures(args, report: dict, results: list[dict], attack_images) -> list[str]:
+def _pictures(args, report: dict, results: list[dict], attack_images, mask_path: str | None) -> list[str]:
     """The --grid PNG and the --report HTML, if asked for; returns the files written."""
     from erase.evaluate import grid_rows, html_report, save_image_grid
 
@@ -167,10 +167,33 @@ def _pictures(args, report: dict, results: list[dict], attack_images) -> list[st
         report["grid"] = args.grid
         written.append(args.grid)
     if args.report:
-        html_report(report, {f"'{concept}': base vs masked": grid}, args.report)
+        html_report(report, {f"'{concept}': base vs masked": grid}, args.report, verdict=_verdict(report),
+                    training=_training(mask_path))
         report["report"] = args.report
         written.append(args.report)
     return written
+
+
+def _verdict(report: dict) -> dict:
+    """The promotion gates' verdict on this evaluation's erasure and preservation (the default gates)."""
+    from erase.registry import GATES, check_gates
+
+    figures = {key: (report.get(key) or {}).get("value") for key in ("erasure_rate", "preservation")}
+    return {"failed": check_gates(figures, GATES), "gates": dict(GATES)}
+
+
+def _training(mask_path: str | None) -> dict | None:
+    """How the mask was trained, from its file: status, steps, and the settings that differ from none."""
+    from erase.masks import read_mask_metadata
+
+    if not mask_path:
+        return None
+    meta = read_mask_metadata(mask_path)
+    extra = json.loads(meta.get("extra") or "{}")
+    made = extra.get("reproduce") or {}
+    settings = {k: v for k, v in (made.get("config") or {}).items() if v not in (None, "", [], {})}
+    return {"status": extra.get("status", "unknown"), "steps done": extra.get("steps_done"),
+            "created": meta.get("created"), "threads": made.get("threads"), **settings}
 
 
 def print_report(report: dict) -> None:
