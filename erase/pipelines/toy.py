@@ -46,7 +46,7 @@ DEFAULT_GUIDANCE = 1.0  # 1.0 = guidance-free; the shipped figures say which def
 # The recipe's defaults for this world (`erase train --model toy`), where they differ from the
 # paper's; recipe_defaults() adds what depends on the kind of concept. Its loss has another scale
 # than FLUX.1's: on the test split, 200 steps at beta 0.25 erase striped to 0.000 with every other
-# concept at 0.97 of its rate or more (README, "Erasure with the defaults"). Each prompt gets 4
+# concept at 0.97 of its rate or more (docs/toy_world.md, "Erasure with the defaults"). Each prompt gets 4
 # starting noises rather than 1: with one, the masks fit that noise.
 RECIPE_DEFAULTS = {"beta": 0.25, "steps": 200, "noises_per_prompt": 4}
 # beta by the kind of concept, where it differs from RECIPE_DEFAULTS' (docs/toy_generator_variants.md,

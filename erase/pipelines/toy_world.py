@@ -319,7 +319,7 @@ def _sample(prompts: list[str], n: int | None, salt: str) -> list[str]:
 # Robustness families: forms of a prompt that the generator still draws the concept from, but that
 # no erasure prompt has (and so no mask was trained on): each is built from the test split's plain
 # prompts of the concept and reported as its own figure in `erase eval`, and pooled as
-# robust_erasure_rate. The README's "Honest figures" lists the same families.
+# robust_erasure_rate. The README's "Prompt splits and robustness families" lists the same families.
 def _repeated(prompt: str, concept: str, rng) -> str:
     return prompt.replace(f" {concept} ", f" {concept} {concept} ", 1)
 
