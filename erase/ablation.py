@@ -9,7 +9,7 @@ and style (and the style on the prompts whose style is not the default look, sol
 removed style falls back to). A concept whose detection survives the removal of every unit a mask may touch
 cannot be erased by such a mask without a different generator or other sites. Two more rows
 zero layers of the text encoder, which no mask site covers, to show where the colour's way in
-runs. The README's toy-world section records one run.
+runs. docs/toy_world.md records one run.
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ def test_every_flag_of_every_subcommand_has_help_and_one_default():
         assert not re.search(r"\(default: [^)]*\) \(default:", text), f"`{name}` shows a default twice"
         assert text.count("(") == text.count(")"), f"`{name}`: an unclosed parenthesis in its help"
     assert seen > 100  # the walk reached every subcommand's flags
+    steps = {name: a.help for name, p in parsers(build_parser()) for a in p._actions if "--steps" in a.option_strings}
+    assert steps and all(text.startswith("optimisation steps") for text in steps.values()), steps  # one meaning
 
 
 def test_version_and_help_are_quick_and_import_no_torch():

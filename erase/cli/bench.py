@@ -18,7 +18,8 @@ from erase.cli.common import TRACKING_URI_HELP, add_model_args, add_parser, comm
 def add(subparsers) -> None:
     p = add_parser(subparsers, "bench", __doc__)
     add_model_args(p, default="flux-bench")
-    p.add_argument("--steps", default="1,2,4,8", help="sampling-step counts, comma-separated")
+    p.add_argument("--sampling-steps", default="1,2,4,8", metavar="COUNTS", help="the sampling-step counts to time, "
+                   "comma-separated (what `erase train --sampling-steps` sets; optimisation steps are --train-steps)")
     p.add_argument("--sites", default="ffn,norm", help="site groups to mask")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per term per step")
     p.add_argument("--repeats", type=int, default=2, help="timed optimisation steps per row (the fastest counts)")
@@ -78,11 +79,11 @@ def run_steps(args) -> int:
     from erase.errors import EraseError
 
     try:
-        steps = [int(s) for s in comma_list(args.steps)]
+        steps = [int(s) for s in comma_list(args.sampling_steps)]
     except ValueError:
         steps = []
     if not steps or min(steps) < 1:
-        raise EraseError(f"--steps takes positive step counts like 1,2,4,8, got {args.steps!r}")
+        raise EraseError(f"--sampling-steps takes positive step counts like 1,2,4,8, got {args.sampling_steps!r}")
     report = bench.run(args.model, steps, batch_size=args.batch_size, sites=tuple(comma_list(args.sites)),
                        repeats=args.repeats, device=args.device, model_path=args.model_path, progress=not args.json)
     if args.json:

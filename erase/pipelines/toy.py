@@ -360,7 +360,7 @@ def recipe_defaults(concept: str | None) -> dict:
 def vocabulary(concept: str) -> list[str]:
     """The adaptive target's candidates: the other concepts of the erased one's group, so that an
     object maps onto an object. (With every toy concept, "cross"'s nearest words were backgrounds
-    and styles, and a prompt naming no object erased little: README, Adaptive targets.)"""
+    and styles, and a prompt naming no object erased little: docs/toy_world.md, Adaptive targets.)"""
     if concept in world.all_concepts():
         return list(world.GROUPS[world.group_of(concept)])
     return world.all_concepts()
