@@ -3,7 +3,8 @@
 Every subcommand has --help; human output by default, --json for machines. An error the user
 can fix (erase.errors.EraseError: a bad name, path, prompt file or setting) prints one line
 starting with `erase: error:` and exits 2; any other error is a bug and keeps its traceback
-(exit 1); Ctrl-C exits 130. A run that stops on a non-finite loss exits 1 after saving the last
+(exit 1); Ctrl-C at any point is one line and exit 130 (`erase train` first saves its last
+logged mask and a resume point, `erase sweep` its studies' state). A run that stops on a non-finite loss exits 1 after saving the last
 good mask, and a sweep in which no trial finished exits 1.
 """
 
@@ -56,7 +57,9 @@ def chosen_command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global INTERRUPTED
     argv = sys.argv[1:] if argv is None else argv
+    INTERRUPTED = False
     previous = signal.signal(signal.SIGINT, interrupted)
     try:
         args = build_parser(chosen_command(argv)).parse_args(argv)
