@@ -208,3 +208,12 @@ def test_prompts_the_toy_model_cannot_read_are_warned_about(tmp_path, capsys):
     path.write_text("a striped red cross\n")
     prompt_sets("toy", "striped", prompts=str(path))
     assert capsys.readouterr().err == ""
+
+
+def test_a_graph_out_dir_that_is_a_file_fails_before_any_erasure(tmp_path, capsys):
+    from erase.cli import main
+
+    taken = tmp_path / "graph"
+    taken.write_text("")
+    assert main(["graph", "--out-dir", str(taken)]) == 2
+    assert capsys.readouterr().err.startswith(f"erase: error: --out-dir {str(taken)!r} is a file")

@@ -77,6 +77,20 @@ def output_path(path: str | None, flag: str) -> str | None:
     return path
 
 
+def output_folder(path: str, flag: str) -> str:
+    """`path` if a folder can be made or written there, checked before any heavy work."""
+    from erase.errors import EraseError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise EraseError(f"{flag} {path!r} is a file; name a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise EraseError(f"{flag} {path!r} cannot be written ({existing!r}: no permission); choose another place")
+    return path
+
+
 def comma_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 
-from erase.cli.common import TRACKING_URI_HELP, add_model_args, add_parser, comma_list, progress_printer, ray_output_off_stdout
+from erase.cli.common import (TRACKING_URI_HELP, add_model_args, add_parser, comma_list, output_folder,
+                              progress_printer, ray_output_off_stdout)
 
 
 def add(subparsers) -> None:
@@ -30,6 +31,7 @@ def add(subparsers) -> None:
 def run(args) -> int:
     from erase import graph
 
+    output_folder(args.out_dir, "--out-dir")
     specs = graph.plan(args.model, comma_list(args.concepts), space=args.space, storage=args.storage,
                        tracking_uri=args.tracking_uri, model_path=args.model_path,
                        seeds_per_prompt=args.seeds_per_prompt)
