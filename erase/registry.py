@@ -256,14 +256,13 @@ def fetch_mask(uri: str, dst: str | None = None) -> tuple[str, dict]:
     return path, provenance
 
 
-def load_masks(uris: list[str], model: str) -> tuple[list, dict, list[dict]]:
-    """Fetch and check masks (files, models:/ or runs:/ URIs) for `model`, and combine them: a unit stays
-    only if every mask keeps it. Returns (sites, combined binary masks, what each mask was). No weights
-    are needed: the fingerprint is checked against the architecture built on the meta device."""
+def load_masks(uris: list[str], sites: list, model: str) -> tuple[list, dict, list[dict]]:
+    """Fetch and check masks (files, models:/ or runs:/ URIs) for the architecture whose mask sites are
+    `sites` (`model` names it in errors), and combine them: a unit stays only if every mask keeps it.
+    Returns (sites, combined binary masks, what each mask was). No weights are needed: the fingerprint
+    is checked against the sites (`erase.pipelines.mask_sites(model)` reads them off the meta device)."""
     from erase.masks import combine_binary, load_binary_masks
-    from erase.pipelines import mask_sites
 
-    sites = mask_sites(model)
     loaded, applied = [], []
     for uri in uris:
         path, provenance = fetch_mask(uri)

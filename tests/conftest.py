@@ -188,3 +188,29 @@ def mlflow_server(tmp_path_factory, postgres_uri):
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+def log_mask_run(uri, model, concept, folder, *, erasure_rate, preservation, seed=0, sweep="sweep-a", test=None):
+    """A finished MLflow run as a sweep trial leaves it, with a random ffn mask of `model`: metrics,
+    tags and the mask artifact. Returns (run id, mask file)."""
+    from erase.masks import Masks, save_mask_file
+    from erase.pipelines import mask_sites
+    from erase.tracking import RunLogger, connect, ensure_experiment
+
+    sites = mask_sites(model)
+    g = torch.Generator().manual_seed(seed)
+    masks = Masks([s for s in sites if s.group == "ffn"],
+                  {s.name: torch.randn(s.size, generator=g) + 1 for s in sites if s.group == "ffn"})
+    path = str(folder / f"{concept}-{seed}.safetensors")
+    save_mask_file(path, masks, model_id=model, model_sites=sites, concept=concept)
+    connect(uri)
+    ensure_experiment(model, concept)
+    logger = RunLogger(uri, model, concept, run_name=f"trial-{seed}", params={"beta": 0.01, "seed": seed},
+                       tags={"erase.sweep": sweep, "erase.trial": f"t{seed}", "erase.fingerprint": "x"})
+    for step in (10, 20):
+        logger.metrics({"loss": 1.0 / step}, step=step)
+    score = (1 - erasure_rate) * preservation
+    logger.metrics({"erasure_rate": erasure_rate, "preservation": preservation, "score": score, "base_rate": 1.0,
+                    **{f"test_{k}": v for k, v in (test or {}).items()}}, step=20)
+    logger.finish(path, {"erasure_rate": erasure_rate})
+    return logger.run_id, path

@@ -9,35 +9,18 @@ import textwrap
 import time
 
 import pytest
-import torch
+from conftest import log_mask_run
 
 from erase.cli import main
-from erase.masks import Masks, load_mask_file, save_mask_file
+from erase.masks import load_mask_file
 from erase.pipelines import mask_sites
 from erase.tracking import MASK_DIR, RunLogger, connect, ensure_experiment
 
 MODEL = "flux-tiny"
 
 
-def _log_run(uri, concept, tmp_path, *, erasure_rate, preservation, seed=0, sweep="sweep-a", test=None):
-    """A finished run as a trial leaves it: metrics, tags and the mask artifact."""
-    sites = mask_sites(MODEL)
-    g = torch.Generator().manual_seed(seed)
-    masks = Masks([s for s in sites if s.group == "ffn"],
-                  {s.name: torch.randn(s.size, generator=g) + 1 for s in sites if s.group == "ffn"})
-    path = str(tmp_path / f"{concept}-{seed}.safetensors")
-    save_mask_file(path, masks, model_id=MODEL, model_sites=sites, concept=concept)
-    connect(uri)
-    ensure_experiment(MODEL, concept)
-    logger = RunLogger(uri, MODEL, concept, run_name=f"trial-{seed}", params={"beta": 0.01, "seed": seed},
-                       tags={"erase.sweep": sweep, "erase.trial": f"t{seed}", "erase.fingerprint": "x"})
-    for step in (10, 20):
-        logger.metrics({"loss": 1.0 / step}, step=step)
-    score = (1 - erasure_rate) * preservation
-    logger.metrics({"erasure_rate": erasure_rate, "preservation": preservation, "score": score, "base_rate": 1.0,
-                    **{f"test_{k}": v for k, v in (test or {}).items()}}, step=20)
-    logger.finish(path, {"erasure_rate": erasure_rate})
-    return logger.run_id, path
+def _log_run(uri, concept, tmp_path, **kwargs):
+    return log_mask_run(uri, MODEL, concept, tmp_path, **kwargs)
 
 
 def run_cli(capsys, *argv):

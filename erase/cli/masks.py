@@ -113,7 +113,7 @@ def run_apply(args) -> int:
     from erase.errors import EraseError
     from erase.evaluate import generate, save_image_grid
     from erase.masks import fold_into_weights
-    from erase.pipelines import load_generator
+    from erase.pipelines import load_generator, mask_sites
     from erase.prompts import warn_unknown_words
     from erase.registry import load_masks
     from erase.tracking import connect_for
@@ -127,7 +127,7 @@ def run_apply(args) -> int:
     output_path(args.out, "--out")
     warn_unknown_words(args.model, args.prompt, "--prompt")
     connect_for(args.masks, args.tracking_uri)
-    sites, combined, applied = load_masks(args.masks, args.model)
+    sites, combined, applied = load_masks(args.masks, mask_sites(args.model), args.model)
     gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
     prompts = [p for p in args.prompt for _ in seeds]
     all_seeds = seeds * len(args.prompt)
