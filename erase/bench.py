@@ -189,6 +189,99 @@ def check_recipes(model: str, recipes: list[str], *, device: str = "cpu", random
             "recipes": rows}
 
 
+# ---------------------------------------------------------------- inference with masks (--inference)
+
+
+# The reference code's released FLUX.1 masks remove these shares of each site's units (docs/method.md,
+# section 3; `erase masks import-reference` reproduces them): image-stream FFN, text-stream FFN, norm.
+PAPER_SPARSITY = {"ff": 0.476, "ff_context": 0.783, "norm": 0.177}
+INFERENCE_VARIANTS = ("base", "hooks", "folded", "dropped")
+
+
+def paper_sparsity_masks(sites: list, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Binary masks that remove PAPER_SPARSITY's share of every ffn and norm site's units, chosen at random."""
+    g = torch.Generator().manual_seed(seed)
+    binary = {}
+    for site in sites:
+        kind = "norm" if site.group == "norm" else "ff_context" if site.name.endswith("ff_context") else "ff"
+        if site.group not in ("ffn", "norm"):
+            continue
+        mask = torch.ones(site.size)
+        mask[torch.randperm(site.size, generator=g)[: round(PAPER_SPARSITY[kind] * site.size)]] = 0
+        binary[site.name] = mask
+    return binary
+
+
+def measure_inference(model: str, variant: str, *, images: int = 3, device: str = "cpu",
+                      model_path: str | None = None) -> dict:
+    """Seconds per image (the fastest of `images` timed ones, after an untimed one) and the peak memory
+    above the loaded model, for one variant: the base model, the masks as forward hooks, folded into the
+    weights, or the masked FFN neurons dropped. Also the first timed image, for the equality checks."""
+    from erase.evaluate import generate
+    from erase.masks import MaskHooks, drop_masked_neurons, fold_into_weights
+    from erase.pipelines import load_generator
+
+    gen = load_generator(model, model_path, device=device)
+    sites = gen.mask_sites()
+    binary = {} if variant == "base" else paper_sparsity_masks(sites)
+    mask_sites = [s for s in sites if s.name in binary]
+    hooks, dropped = None, 0
+    if variant == "hooks":
+        hooks = MaskHooks(gen.transformer, mask_sites, binary)
+    elif variant == "folded":
+        fold_into_weights(gen.transformer, mask_sites, binary)
+    elif variant == "dropped":
+        dropped = drop_masked_neurons(gen.transformer, mask_sites, binary)
+    params = sum(p.numel() for p in gen.transformer.parameters())
+    prompt = ["a photo of a cat"]
+    generate(gen, prompt, [0])  # untimed: first-call allocations and caches
+    baseline = _reset_peak(device)
+    seconds, first = [], None
+    for seed in range(images):
+        started = time.perf_counter()
+        image = generate(gen, prompt, [seed])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+        first = image if first is None else first
+    peak = _peak(device) - baseline
+    if hooks is not None:
+        hooks.remove()
+    ffn_units = sum(s.size for s in sites if s.group == "ffn")
+    return {"model": model, "variant": variant, "seconds_per_image": round(min(seconds), 4),
+            "peak_mb": round(peak, 1), "transformer_params": params, "dropped_neurons": dropped,
+            "dropped_share_of_ffn": round(dropped / ffn_units, 4), "image": first[0].flatten().tolist()}
+
+
+def run_inference(models=("flux-bench", "toy"), *, images: int = 3, device: str = "cpu",
+                  progress: bool = True) -> dict:
+    """Every (model, variant) in its own subprocess; per model the ratios to the base model and how far
+    the hooked and dropped models' images are from the folded one's (max absolute pixel difference)."""
+    from tqdm import tqdm
+
+    jobs = [(m, v) for m in models for v in INFERENCE_VARIANTS]
+    rows = []
+    for model, variant in tqdm(jobs, desc="inference rows", disable=not progress):
+        spec = {"kind": "inference", "model": model, "variant": variant, "images": images, "device": device}
+        proc = subprocess.run([sys.executable, "-m", "erase.bench", "--row", json.dumps(spec)],
+                              capture_output=True, text=True, env={**os.environ, **ROW_ENV})
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench row {spec} failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    report = {"device": device, "images": images, "sparsity": PAPER_SPARSITY, "models": {}}
+    for model in models:
+        by = {r["variant"]: r for r in rows if r["model"] == model}
+        folded = torch.tensor(by["folded"]["image"])
+        report["models"][model] = {
+            "variants": {v: {k: x for k, x in r.items() if k not in ("image", "model", "variant")} for v, r in by.items()},
+            "time_over_base": {v: round(by[v]["seconds_per_image"] / by["base"]["seconds_per_image"], 3) for v in by},
+            "params_over_base": {v: round(by[v]["transformer_params"] / by["base"]["transformer_params"], 3) for v in by},
+            "max_abs_difference_to_folded": {v: float((torch.tensor(by[v]["image"]) - folded).abs().max())
+                                             for v in ("hooks", "dropped")},
+        }
+    return report
+
+
 def _main_row(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m erase.bench")
     parser.add_argument("--row", required=True, help="JSON spec of one row (internal: used by `erase bench`)")
@@ -196,7 +289,8 @@ def _main_row(argv: list[str]) -> None:
     import logging
 
     logging.disable(logging.WARNING)
-    print(json.dumps(measure_row(**spec)))
+    measure = measure_inference if spec.pop("kind", "step") == "inference" else measure_row
+    print(json.dumps(measure(**spec)))
 
 
 if __name__ == "__main__":

@@ -194,3 +194,20 @@ def test_the_gpu_check_says_what_to_run_without_a_gpu(monkeypatch):
         bench.check_recipes("flux.1-schnell", ["paper"], device="cuda", random_weights=True)
     with pytest.raises(EraseError, match="has no recipe 'fast'"):
         bench.check_recipes("flux-bench", ["fast"])
+
+
+@pytest.mark.slow
+def test_inference_bench_dropped_neurons_give_a_smaller_model_with_the_folded_images():
+    from erase.bench import PAPER_SPARSITY, run_inference
+
+    report = run_inference(("toy",), images=1, progress=False)
+    toy = report["models"]["toy"]
+    assert set(toy["variants"]) == {"base", "hooks", "folded", "dropped"}
+    assert all(row["seconds_per_image"] > 0 for row in toy["variants"].values())
+    dropped = toy["variants"]["dropped"]
+    # the ffn sites lose between the image stream's share and the text stream's
+    assert PAPER_SPARSITY["ff"] - 0.01 < dropped["dropped_share_of_ffn"] < PAPER_SPARSITY["ff_context"] + 0.01
+    assert toy["params_over_base"]["dropped"] < 0.95 and toy["params_over_base"]["folded"] == 1.0
+    # fp32: the hooked and dropped models draw the folded model's images, up to the order of float sums
+    assert toy["max_abs_difference_to_folded"]["hooks"] < 1e-5
+    assert toy["max_abs_difference_to_folded"]["dropped"] < 1e-5

@@ -1,7 +1,8 @@
 """time and peak memory of one optimisation step, checkpointed and plain; the GPU check of the recipes
 
 Run the erasure step on a random model for several sampling-step counts, with step-wise
-checkpointing on and off, each row in a fresh process. Or, with --recipe, a few steps of the
+checkpointing on and off, each row in a fresh process. Or, with --inference, what masks cost or
+save when generating: the base model, masks as hooks, folded, and with neurons dropped. Or, with --recipe, a few steps of the
 named recipes beside the planner's prediction (erase bench --recipe paper,reference --device cuda
 --model flux.1-schnell --random-weights on an H100). Or, with --targets or --search, the toy
 world's benchmarks of the target strategies and of the search.
@@ -59,12 +60,19 @@ def add(subparsers) -> None:
     p.add_argument("--tracking-uri", help="with --search: " + TRACKING_URI_HELP)
     p.add_argument("--train-steps", type=int, help="optimisation steps per erasure (default: the recipe's, "
                    "200 for the toy world, with --targets; 100 with --search)")
+    p.add_argument("--inference", nargs="?", const="flux-bench,toy", metavar="MODELS", help="instead: seconds per "
+                   "image and peak memory of the base model, the masks as hooks, folded, and with the masked FFN "
+                   "neurons dropped, at the reference code's released mask sparsity (47.6%% of ff units, 78.3%% of "
+                   "ff_context, 17.7%% of norm), each in a fresh process; --repeats images are timed (default "
+                   "models: flux-bench,toy)")
     p.add_argument("--json", action="store_true", help="print the report as JSON (the step benchmark: a list `rows` "
                    "of {steps, checkpointing, seconds, peak_mb})")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.inference:
+        return run_inference(args)
     if args.recipe:
         return run_recipes(args)
     if args.targets:
@@ -96,6 +104,30 @@ def run_steps(args) -> int:
         print(f"{r['steps']:>5} {str(r['checkpointing']):>13} {r['seconds']:>9.3f} {r['peak_mb']:>9.1f}")
     for name, value in report["ratios"].items():
         print(f"{name}: {value}")
+    return 0
+
+
+def run_inference(args) -> int:
+    from erase import bench
+    from erase.pipelines import model
+
+    models = comma_list(args.inference)
+    for name in models:
+        model(name)  # an unknown model fails here, before any row
+    report = bench.run_inference(models, images=args.repeats, device=args.device, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"inference on {report['device']}, masks at the reference code's released sparsity {report['sparsity']}; "
+          f"the fastest of {report['images']} images")
+    for name, m in report["models"].items():
+        print(f"{name}: {'variant':<8} {'s/image':>9} {'x base':>7} {'peak MB':>8} {'params x base':>14} "
+              f"{'dropped':>8} {'max diff to folded':>19}")
+        for variant, row in m["variants"].items():
+            diff = m["max_abs_difference_to_folded"].get(variant)
+            print(f"{'':<{len(name) + 2}}{variant:<8} {row['seconds_per_image']:>9.4f} {m['time_over_base'][variant]:>7.3f} "
+                  f"{row['peak_mb']:>8.1f} {m['params_over_base'][variant]:>14.3f} {row['dropped_neurons']:>8} "
+                  f"{'' if diff is None else f'{diff:.2e}':>19}")
     return 0
 
 
