@@ -16,13 +16,14 @@ import os
 import signal
 import sys
 
-COMMANDS = ("sweep", "promote", "masks", "train", "eval", "graph", "sites", "bench", "plan")
+COMMANDS = ("sweep", "promote", "masks", "serve", "train", "eval", "graph", "sites", "bench", "plan")
 
 EXAMPLES = """examples (the toy world is the default model):
   erase sweep                                            a small sweep for 'striped' on a local Ray
   erase sweep --concepts striped,outlined --trials 8 --address auto
   erase promote --concept striped                        best run -> registry, alias production
   erase masks apply models:/erase-toy-striped@production --prompt "a striped red cross" --out out.png
+  erase serve --mask models:/erase-toy-striped@production       follow the alias on Ray Serve, port 8000
   erase train --concept striped && erase eval --mask toy-striped.safetensors --report striped.html
   erase graph                                            concept graph of the toy world's objects
   erase sites --model flux.1-schnell --json
