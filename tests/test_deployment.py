@@ -30,7 +30,7 @@ def promote_better(uri, tmp_path, seed: int, erasure_rate: float) -> float:
     return time.monotonic()
 
 
-def tamper(tmp_path, run_id_part: str = "") -> None:
+def tamper(tmp_path) -> None:
     """Flip a byte of the newest logged mask artifact."""
     stored = sorted((tmp_path / "mlartifacts").rglob("mask.safetensors"), key=lambda p: p.stat().st_mtime)
     data = bytearray(stored[-1].read_bytes())

@@ -3,6 +3,7 @@ images `erase masks apply` gives; on a FLUX pipeline loaded with diffusers' own 
 it folds exactly what the command folds; dropped neurons match the folded model; a changed
 registry artifact is refused."""
 
+import pathlib
 import re
 
 import numpy as np
@@ -19,7 +20,7 @@ from erase.masks import fold_into_weights
 from erase.pipelines import load_generator, mask_sites
 from erase.registry import RegistryError, load_masks
 
-README = __import__("pathlib").Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def readme_example() -> str:
