@@ -67,17 +67,21 @@ def run(args) -> int:
     out = output_path(args.out or f"{args.model}-{'-'.join(args.concept.split())}.safetensors".replace("/", "_"),
                       "--out")
     metrics_path = output_path(args.metrics or os.path.splitext(out)[0] + ".json", "--metrics")
-    resume = resume_point(args.resume, cfg, erase_prompts, neutral) if args.resume else None
+    resume = resume_point(args.resume, args.model, cfg, erase_prompts, neutral) if args.resume else None
     logger = None
     if args.tracking_uri:
         logger = train_run(args.tracking_uri, args.model, cfg, erase_prompts, neutral,
                            run_name=f"train-{os.path.basename(out)}", fingerprint=fingerprint(mask_sites(args.model)))
     reporter = LocalReporter(out, metrics_path, model=args.model, logger=logger)
-    gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
+    try:
+        gen = load_generator(args.model, args.model_path, dtype=args.dtype, device=args.device, guidance=args.guidance)
+    except BaseException as err:  # the MLflow run exists already: end it, never leave it RUNNING
+        reporter.fail(err)
+        raise
     try:
         result = run_trial(gen, cfg, erase_prompts, neutral, reporter, progress=not args.quiet, resume=resume)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(interrupted_message(reporter, args)) from None
+        raise KeyboardInterrupt(interrupted_message(reporter, cfg.log_every)) from None
     metrics = reporter.metrics
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -92,8 +96,8 @@ def run(args) -> int:
     return 0
 
 
-def resume_point(folder: str, cfg, erase_prompts: list, neutral: list) -> dict:
-    """The resume point in `folder`, checked against this run: the same settings and prompt sets."""
+def resume_point(folder: str, model: str, cfg, erase_prompts: list, neutral: list) -> dict:
+    """The resume point in `folder`, checked against this run: the same model, settings and prompt sets."""
     from erase.errors import EraseError
     from erase.masks import read_mask_metadata
     from erase.trial import MASK_FILE, read_checkpoint, reproduction_record
@@ -102,7 +106,11 @@ def resume_point(folder: str, cfg, erase_prompts: list, neutral: list) -> dict:
         raise EraseError(f"--resume {folder!r} is not a resume point; an interrupted `erase train` leaves one "
                          "beside its mask, named MASK.resume")
     point, _ = read_checkpoint(folder)
-    saved = json.loads(read_mask_metadata(os.path.join(folder, MASK_FILE))["extra"])["reproduce"]
+    meta = read_mask_metadata(os.path.join(folder, MASK_FILE))
+    if meta["model_id"] != model:
+        raise EraseError(f"--resume {folder!r} was made on model {meta['model_id']!r}, not {model!r}; pass "
+                         f"--model {meta['model_id']}")
+    saved = json.loads(meta["extra"])["reproduce"]
     now = reproduction_record(cfg, erase_prompts, neutral)
     changed = sorted(key for key in set(saved["config"]) | set(now["config"])
                      if saved["config"].get(key) != now["config"].get(key))
@@ -116,11 +124,11 @@ def resume_point(folder: str, cfg, erase_prompts: list, neutral: list) -> dict:
     return point
 
 
-def interrupted_message(reporter, args) -> str:
+def interrupted_message(reporter, log_every: int) -> str:
     from erase.trial import resume_folder
 
     if reporter.latest is None:
-        return "nothing saved: no step was logged yet (one is logged every 10 steps)"
+        return f"nothing saved: no step was logged yet (one is logged every {log_every} steps)"
     folder = resume_folder(reporter.mask_path)
     return (f"the mask after step {reporter.latest.step} is saved at {reporter.mask_path}; continue with the same "
             f"command and --resume {folder}")
