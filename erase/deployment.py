@@ -48,6 +48,7 @@ class MaskedModel:
         self.versions: list[str] = []
         self.applied: list[dict] = []
         self.warning: str | None = None
+        self.refused: list[str] | None = None  # the versions whose masks failed their checks
         self.refresh()  # a mask that fails its check here stops the start
 
     def _touched_weights(self) -> dict[str, torch.Tensor]:
@@ -68,9 +69,13 @@ class MaskedModel:
         """Swap in the versions the aliases point to, if they moved; True if it swapped. A version that
         fails its checks raises before anything changes."""
         versions = self.wanted()
-        if versions == self.versions:
+        if versions in (self.versions, self.refused):  # a refused version is not fetched again every poll
             return False
-        sites, combined, applied = load_masks(versions, self.sites, self.model)  # fetched and checked first
+        try:
+            sites, combined, applied = load_masks(versions, self.sites, self.model)  # fetched and checked first
+        except Exception:
+            self.refused = versions
+            raise
         from erase.masks import fold_into_weights
 
         parameters = dict(self.gen.transformer.named_parameters())

@@ -66,7 +66,9 @@ def test_the_server_follows_the_alias_without_dropping_a_request_and_keeps_the_l
         serve.run(application("toy", [ALIAS], tracking_uri=store, poll_seconds=1.0), name="erase", route_prefix="/")
         sender = threading.Thread(target=client, daemon=True)
         sender.start()
+        deadline = time.monotonic() + 120
         while not answers:
+            assert time.monotonic() < deadline, f"no answer in 120 s: {failures[:3]}"
             time.sleep(0.2)
         promoted = promote_better(store, tmp_path, seed=2, erasure_rate=0.0)
 
