@@ -11,6 +11,7 @@ import os
 
 from erase.cli.common import TRACKING_URI_HELP, add_model_args, add_parser, add_run_args, comma_list, output_path
 
+
 def add(subparsers) -> None:
     p = add_parser(subparsers, "masks", __doc__)
     actions = p.add_subparsers(dest="masks_command", metavar="ACTION", required=True)

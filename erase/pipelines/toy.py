@@ -18,6 +18,7 @@ units a mask can remove, as in FLUX.1 (docs/toy_generator_variants.md).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -64,10 +65,15 @@ def prompt_words(prompt: str) -> list[str]:
     return prompt.lower().replace(",", " ").split()
 
 
+@functools.cache
+def known_words() -> frozenset[str]:
+    return frozenset(world.vocabulary())
+
+
 def read_words(prompt: str) -> tuple[list[str], list[str]]:
     """(known, unknown): the words of `prompt` the toy text encoder has a token for, and the ones it
     reads as 'unknown'."""
-    vocabulary = set(world.vocabulary())
+    vocabulary = known_words()
     words = prompt_words(prompt)
     return [w for w in words if w in vocabulary], [w for w in words if w not in vocabulary]
 
